@@ -1,0 +1,31 @@
+"""conceptstream: continual personalization of text-to-image diffusion models.
+
+Teach one model a stream of personal concepts, one at a time, without keeping old images and
+without forgetting, with diffusion-classifier-score regularisers (EWC-DC, DSC) and baselines.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "bundled_model", "learn", "generate", "info", "export", "open_stream"]
+
+
+def bundled_model():
+    """Path of the bundled tiny Stable-Diffusion-format pipeline (loads with stock diffusers)."""
+    from conceptstream.models.loading import bundled_model as _bundled
+
+    return _bundled()
+
+
+def __getattr__(name: str):
+    # Lazy: `import conceptstream` stays fast and torch-free until a verb is used.
+    if name in ("learn", "generate", "info", "open_stream"):
+        from conceptstream import api
+
+        return getattr(api, name)
+    if name == "export":
+        from conceptstream.adapters.export import export_state
+
+        return export_state
+    raise AttributeError(name)

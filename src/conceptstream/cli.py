@@ -1,0 +1,208 @@
+"""Command line: a thin layer over :mod:`conceptstream.api`; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _kv(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed: object = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip().replace("-", "_"), parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from conceptstream import __version__
+
+    p = argparse.ArgumentParser(prog="conceptstream", description="Teach a text-to-image diffusion model a stream "
+                                "of personal concepts, one at a time, without forgetting.")
+    p.add_argument("--version", action="version", version=f"conceptstream {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # world -----------------------------------------------------------------------------------
+    world = sub.add_parser("world", help="the tabletop world: classes, concept sequences, base-model training")
+    wsub = world.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND")
+    wl = wsub.add_parser("list", help="list base classes and named sequences")
+    wl.add_argument("--json", action="store_true")
+    we = wsub.add_parser("export", help="write a named sequence in the concept folder format")
+    we.add_argument("sequence")
+    we.add_argument("dir")
+    we.add_argument("--train-views", type=int, default=12)
+    we.add_argument("--eval-views", type=int, default=12)
+    we.add_argument("--seed", type=int, default=0)
+    wc = wsub.add_parser("export-classes", help="write N real renders per base class as DIR/<noun>/*.png")
+    wc.add_argument("dir")
+    wc.add_argument("-n", type=int, default=16)
+    wc.add_argument("--seed", type=int, default=1)
+    wt = wsub.add_parser("train-base", help="train (or resume training) the bundled tiny base model")
+    wt.add_argument("--workdir", required=True, help="where data, checkpoints and progress live (resumable)")
+    wt.add_argument("--out", default=None, help="pipeline folder to write (default: the bundled model's folder)")
+    wt.add_argument("--images-per-class", type=int, default=1500)
+    wt.add_argument("--vae-steps", type=int, default=1500)
+    wt.add_argument("--unet-steps", type=int, default=40000)
+    wt.add_argument("--batch-size", type=int, default=32)
+    wt.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpoint + export) after this")
+    wt.add_argument("--seed", type=int, default=0)
+
+    # generate --------------------------------------------------------------------------------
+    g = sub.add_parser("generate", help="sample images from the base model or a learned stream")
+    g.add_argument("prompt")
+    g.add_argument("-n", type=int, default=4, help="number of images (image i uses seed + i)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("-o", "--out", default="out/generate.png", help="file.png for a grid, folder/ for one PNG each")
+    g.add_argument("--model", default=None, help="'tiny' (bundled), a diffusers SD 1.x/2.x folder, or a hub id")
+    g.add_argument("--state", default=None, help="a concept-stream state directory")
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--device", default=None)
+
+    # learn -----------------------------------------------------------------------------------
+    lp = sub.add_parser("learn", help="add one concept to a stream (creates STATE on the first call)")
+    lp.add_argument("state")
+    lp.add_argument("--images", required=True, help="folder of images, or a concept folder")
+    lp.add_argument("--token", default=None, help="new modifier token, e.g. '<my-dog>'")
+    lp.add_argument("--noun", default=None, help="class noun the base model knows, e.g. 'dog'")
+    lp.add_argument("--method", default=None, help="continual method (first call only; default ewc-dc)")
+    lp.add_argument("--adapter", default=None, choices=["lora", "vera"], help="adapter (first call only)")
+    lp.add_argument("--rank", type=int, default=None)
+    lp.add_argument("--targets", default=None, choices=["cross-kv", "attention"])
+    lp.add_argument("--set", dest="hparams", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                    help="method setting, e.g. --set ewc_lambda=100 (first call only)")
+    lp.add_argument("--model", default=None)
+    lp.add_argument("--steps", type=int, default=None)
+    lp.add_argument("--seed", type=int, default=0)
+    lp.add_argument("--device", default=None)
+
+    ip = sub.add_parser("info", help="what a state holds")
+    ip.add_argument("state")
+    ip.add_argument("--json", action="store_true")
+
+    ep = sub.add_parser("export", help="export a state for stock diffusers (LoRA + textual-inversion files)")
+    ep.add_argument("state")
+    ep.add_argument("out")
+
+    dp = sub.add_parser("demo", help="learn a 3-concept tabletop stream with ewc-dc and write grids + a report")
+    dp.add_argument("--out", default="out/demo")
+    dp.add_argument("--steps", type=int, default=None)
+    dp.add_argument("--method", default="ewc-dc")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from conceptstream import api
+
+    if args.command == "world":
+        return _world(args)
+    if args.command == "generate":
+        images = api.generate(args.prompt, state=args.state, model=args.model, n=args.n, seed=args.seed,
+                              steps=args.steps, guidance=args.guidance, device=args.device)
+        paths = api.save_images(images, args.out)
+        print(f"wrote {len(images)} image(s) to {paths[0] if len(paths) == 1 else Path(args.out)}")
+        return 0
+    if args.command == "learn":
+        from conceptstream.engine import DEFAULT_STEPS
+
+        report = api.learn(args.state, args.images, token=args.token, noun=args.noun, method=args.method,
+                           model=args.model, steps=args.steps or DEFAULT_STEPS, seed=args.seed, adapter=args.adapter,
+                           rank=args.rank, targets=args.targets, hparams=dict(args.hparams), device=args.device)
+        print(f"learned {report.token} ({report.noun}) as task {report.task_index} in {report.seconds:.0f}s; "
+              f"final loss {report.final_loss:.4f}; state saved to {args.state}")
+        return 0
+    if args.command == "info":
+        data = api.info(args.state)
+        print(json.dumps(data, indent=2) if args.json else api.format_info(data))
+        return 0
+    if args.command == "export":
+        from conceptstream.adapters.export import export_state
+
+        written = export_state(args.state, args.out)
+        print(f"exported {len(written)} file(s) to {args.out}:")
+        for w in written:
+            print(f"  {w}")
+        return 0
+    if args.command == "demo":
+        from conceptstream.demo import run_demo
+
+        report = run_demo(args.out, steps=args.steps, method=args.method)
+        print(f"demo finished: report at {report}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def _world(args: argparse.Namespace) -> int:
+    from conceptstream.world import catalogue
+
+    if args.world_command == "list":
+        data = {
+            "classes": [{"key": c.key, "noun": c.noun} for c in catalogue.BASE_CLASSES],
+            "sequences": {name: {"description": catalogue.SEQUENCE_DESCRIPTIONS[name], "concepts": list(seq)}
+                          for name, seq in catalogue.SEQUENCES.items()},
+        }
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            print("base classes:")
+            for c in data["classes"]:
+                print(f"  {c['key']:<8} {c['noun']}")
+            print("sequences:")
+            for name, s in data["sequences"].items():
+                print(f"  {name:<12} {s['description']}")
+        return 0
+    if args.world_command == "export":
+        from conceptstream.world.folders import export_sequence
+
+        concepts = catalogue.get_sequence(args.sequence)
+        export_sequence(concepts, Path(args.dir), args.train_views, args.eval_views, args.seed, progress=True)
+        print(f"wrote {len(concepts)} concept folders to {args.dir}")
+        return 0
+    if args.world_command == "export-classes":
+        from conceptstream.world.folders import export_classes
+
+        if args.n < 1:
+            from conceptstream.errors import UserInputError
+
+            raise UserInputError(f"-n must be >= 1, got {args.n}")
+        export_classes(Path(args.dir), args.n, args.seed, progress=True)
+        print(f"wrote {args.n} renders per class to {args.dir}")
+        return 0
+    if args.world_command == "train-base":
+        from conceptstream.models.loading import bundled_model
+        from conceptstream.world.train_base import BaseTrainer, BaseTrainingConfig
+
+        cfg = BaseTrainingConfig(workdir=args.workdir, out=args.out or str(bundled_model()),
+                                 images_per_class=args.images_per_class, vae_steps=args.vae_steps,
+                                 unet_steps=args.unet_steps, batch_size=args.batch_size, max_minutes=args.max_minutes,
+                                 seed=args.seed)
+        out = BaseTrainer(cfg).run()
+        print(f"exported model to {out}" if out else f"stopped early; resume with the same command ({args.workdir})")
+        return 0
+    raise AssertionError(args.world_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from conceptstream.errors import ConceptstreamError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ConceptstreamError as exc:
+        print(f"conceptstream: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("conceptstream: interrupted; saved state is unchanged", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The concept stream: one personalised model, learned one concept (task) at a time.
+
+Data path: images -> VAE latents (memory only) -> method hooks (loss from scoring + adapters)
+-> state directory (atomic commit) -> generate / export.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from conceptstream.adapters.registry import AdapterSpec, adapter_state, attach_adapter, load_adapter_state
+from conceptstream.errors import ConceptstreamError, StateError, UserInputError
+from conceptstream.methods.base import ConceptInfo, ContinualMethod, TaskContext
+from conceptstream.methods.registry import get_method
+from conceptstream.models.loading import load_pipeline, model_fingerprint
+from conceptstream.models.tokens import (
+    ConceptEmbedding,
+    add_tokens,
+    check_new_token,
+    init_token_rows,
+    set_rows,
+    unknown_tokens,
+)
+from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
+
+DEFAULT_STEPS = 200
+
+
+class TrainingDiverged(ConceptstreamError):
+    """The loss became NaN/inf; the task is dropped and the saved state is left as it was."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import peft
+    import transformers
+
+    import conceptstream
+
+    return {"conceptstream": conceptstream.__version__, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+@dataclass
+class StreamSettings:
+    """How a stream is built; fixed when the stream is created and recorded in its manifest."""
+
+    method: str = "ewc-dc"
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    hparams: dict[str, Any] = field(default_factory=dict)
+    dc: DCConfig = field(default_factory=DCConfig)
+
+
+@dataclass
+class TaskReport:
+    token: str
+    noun: str
+    task_index: int
+    steps: int
+    seconds: float
+    final_loss: float
+    logs: list[dict]
+
+
+class ConceptStream:
+    """A loaded stream: base pipeline + learned tokens + adapter + method state."""
+
+    def __init__(self, pipe, settings: StreamSettings, manifest: dict, path: Path | None = None,
+                 device: str | torch.device = "cpu", model_ref: str | None = None) -> None:
+        self.pipe = pipe
+        self.settings = settings
+        self.manifest = manifest
+        self.path = path
+        self.device = torch.device(device)
+        self.model_ref = model_ref
+        self.method: ContinualMethod = get_method(settings.method)(**settings.hparams)
+        settings.hparams = dict(self.method.hparams)
+        self._adapter_attached = False
+        if self.method.uses_adapter:
+            attach_adapter(self.pipe.unet, settings.adapter)
+            self._adapter_attached = True
+        self.pipe.unet.requires_grad_(False) if not self.method.uses_adapter else None
+        self.pipe.text_encoder.requires_grad_(False)
+        self.pipe.vae.requires_grad_(False)
+        self.dc = DiffusionClassifier(self.pipe.unet, self.pipe.scheduler, settings.dc)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def new(cls, model: str | None = "tiny", settings: StreamSettings | None = None, device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> ConceptStream:
+        settings = settings or StreamSettings()
+        get_method(settings.method)  # fail fast on unknown names
+        settings.adapter.validate()
+        pipe = load_pipeline(model, dtype=dtype, device=device)
+        ref = str(model or "tiny")
+        manifest = {
+            "format_version": 1,
+            "base_model": {"reference": ref, "fingerprint": model_fingerprint(model)},
+            "method": {},
+            "concepts": [],
+            "created_at": _now(),
+            "updated_at": _now(),
+            "versions": library_versions(),
+        }
+        stream = cls(pipe, settings, manifest, device=device, model_ref=ref)
+        stream._sync_manifest()
+        stream.method.setup(stream.pipe.unet, 0)
+        return stream
+
+    @classmethod
+    def from_state(cls, manifest: dict, tensors: dict[str, dict[str, torch.Tensor]], model: str | None = None,
+                   device: str = "cpu", dtype: torch.dtype = torch.float32, path: Path | None = None) -> ConceptStream:
+        """Rebuild a stream from a manifest and its tensor files (see :mod:`conceptstream.api`)."""
+        ref = model or manifest["base_model"]["reference"]
+        fingerprint = model_fingerprint(ref)
+        if fingerprint != manifest["base_model"]["fingerprint"]:
+            raise StateError(f"this state was built on base model {manifest['base_model']['reference']!r} "
+                             f"(fingerprint {manifest['base_model']['fingerprint']}), but {ref!r} has fingerprint "
+                             f"{fingerprint}; pass --model with the original base model")
+        m = manifest["method"]
+        settings = StreamSettings(method=m["name"], adapter=AdapterSpec.from_dict(m["adapter"]) if m.get("adapter")
+                                  else AdapterSpec(), hparams=dict(m.get("hyperparameters", {})),
+                                  dc=DCConfig(**m.get("dc", {})))
+        pipe = load_pipeline(ref, dtype=dtype, device=device)
+        stream = cls(pipe, settings, manifest, path=path, device=device, model_ref=ref)
+        tokens = [c["token"] for c in manifest["concepts"]]
+        if tokens:
+            ids = add_tokens(pipe.tokenizer, pipe.text_encoder, tokens)
+            rows = tensors.get("tokens", {})
+            missing = [t for t in tokens if t not in rows]
+            if missing:
+                raise StateError(f"state is missing the embedding of {missing[0]}; it is damaged")
+            set_rows(pipe.text_encoder, {i: rows[t] for i, t in zip(ids, tokens)})
+        if stream.method.uses_adapter and "adapter" in tensors:
+            load_adapter_state(pipe.unet, tensors["adapter"])
+        stream.method.load_state_tensors(tensors.get("method", {}))
+        stream.method.setup(pipe.unet, len(tokens))
+        return stream
+
+    def _sync_manifest(self) -> None:
+        s = self.settings
+        self.manifest["method"] = {
+            "name": s.method,
+            "adapter": s.adapter.to_dict() if self.method.uses_adapter else None,
+            "hyperparameters": dict(self.method.hparams),
+            "dc": asdict(s.dc),
+            "state_growth": self.method.state_growth,
+        }
+        self.manifest["updated_at"] = _now()
+        self.manifest["versions"] = library_versions()
+
+    # -- views ---------------------------------------------------------------------------------
+    @property
+    def tokens(self) -> list[str]:
+        return [c["token"] for c in self.manifest["concepts"]]
+
+    @property
+    def resolution(self) -> int:
+        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+    def concept_infos(self) -> list[ConceptInfo]:
+        tok = self.pipe.tokenizer
+        return [ConceptInfo(c["token"], c["noun"], tok.convert_tokens_to_ids(c["token"]), c["task_index"])
+                for c in self.manifest["concepts"]]
+
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        emb = self.pipe.text_encoder.get_input_embeddings().weight
+        tok = self.pipe.tokenizer
+        files = {"tokens": {t: emb[tok.convert_tokens_to_ids(t)].detach().clone() for t in self.tokens}}
+        if self.method.uses_adapter:
+            files["adapter"] = adapter_state(self.pipe.unet)
+        files["method"] = self.method.state_tensors()
+        return files
+
+    # -- learning ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior mean/std of the task's images, scaled; held in memory only."""
+        import numpy as np
+
+        vae = self.pipe.vae
+        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((self.resolution,) * 2),
+                                                     dtype=np.float32)) for im in images])
+        x = (x.permute(0, 3, 1, 2) / 127.5 - 1).to(self.device, vae.dtype)
+        means, stds = [], []
+        for i in range(0, len(x), 8):
+            post = vae.encode(x[i : i + 8]).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+        sf = vae.config.scaling_factor
+        return torch.cat(means).float().cpu() * sf, torch.cat(stds).float().cpu() * sf
+
+    def learn(self, images: list[Image.Image], token: str, noun: str, steps: int = DEFAULT_STEPS, seed: int = 0,
+              progress: bool = True, on_step=None) -> TaskReport:
+        """Learn one concept in memory (the caller commits). Raises before touching the model on bad input."""
+        import time
+
+        from tqdm.auto import tqdm
+
+        if not images:
+            raise UserInputError("no training images given")
+        if token in self.tokens:
+            raise UserInputError(f"token {token!r} is already in this stream; pick a new token for a new concept")
+        check_new_token(self.pipe.tokenizer, token)
+        noun = noun.strip()
+        if not noun:
+            raise UserInputError("the class noun is empty; give one, e.g. --noun 'teddy bear'")
+        if steps < 1:
+            raise UserInputError(f"--steps must be >= 1, got {steps}")
+        t0 = time.time()
+        torch.manual_seed(seed)
+        mean, std = self.encode_images(images)
+        pipe, method = self.pipe, self.method
+        (token_id,) = add_tokens(pipe.tokenizer, pipe.text_encoder, [token])
+        init_token_rows(pipe.tokenizer, pipe.text_encoder, [token_id],
+                        None if method.random_token_init else noun, seed=seed)
+        concepts = [*self.concept_infos(), ConceptInfo(token, noun, token_id, len(self.tokens))]
+        ctx = TaskContext(unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                          scheduler=pipe.scheduler, dc=self.dc, concepts=concepts, latent_mean=mean,
+                          latent_std=std, generator=torch.Generator().manual_seed(seed), device=self.device,
+                          include_noun=method.include_noun, progress=progress)
+        base_embedding = pipe.text_encoder.get_input_embeddings()
+        wrapper = ConceptEmbedding(base_embedding, [token_id]) if method.trains_token else None
+        if wrapper is not None:
+            pipe.text_encoder.set_input_embeddings(wrapper)
+        try:
+            method.before_task(ctx)
+            groups = method.trainable_groups(ctx, wrapper.rows if wrapper is not None else None)
+            opt = torch.optim.AdamW(groups, weight_decay=0.0)
+            pipe.unet.train()
+            logs: list[dict] = []
+            loss_value = math.nan
+            bar = tqdm(range(steps), desc=f"learn {token}", disable=not progress)
+            for step in bar:
+                loss, info = method.loss(ctx, step)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(f"the loss became {loss_value} at step {step} of {token}; lower the "
+                                           "learning rate (--lr) or regulariser weights; the saved state is unchanged")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                info = {"step": step, "loss": loss_value, **info}
+                logs.append(info)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                if on_step is not None:
+                    on_step(step, info)
+            pipe.unet.eval()
+            method.after_task(ctx)
+        finally:
+            if wrapper is not None:
+                pipe.text_encoder.set_input_embeddings(wrapper.write_back())
+            pipe.unet.eval()
+        logs.extend(ctx.logs)
+        self.manifest["concepts"].append({"token": token, "noun": noun, "task_index": len(self.tokens),
+                                          "created_at": _now(), "steps": steps, "seed": seed,
+                                          "images": len(images)})
+        self._sync_manifest()
+        return TaskReport(token, noun, len(self.tokens) - 1, steps, time.time() - t0, loss_value, logs)
+
+    # -- sampling ------------------------------------------------------------------------------
+    def check_prompt(self, prompt: str) -> None:
+        unknown = unknown_tokens(prompt, self.pipe.tokenizer, self.tokens)
+        if unknown:
+            known = ", ".join(self.tokens) or "none yet"
+            raise UserInputError(f"prompt uses {unknown[0]}, which this stream has not learned (learned: {known})")
+
+    @torch.no_grad()
+    def generate(self, prompt: str | list[str], n: int = 4, seed: int = 0, steps: int = 30,
+                 guidance: float = 5.0, progress: bool = True) -> list[Image.Image]:
+        """Sample ``n`` images per prompt; image i uses ``torch.Generator().manual_seed(seed + i)``."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        for p in prompts:
+            self.check_prompt(p)
+        self.pipe.set_progress_bar_config(disable=not progress)
+        images = []
+        for p in prompts:
+            gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+            images += self.pipe([p] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+        return images

@@ -1,0 +1,1 @@
+"""Evaluation: image feature extractors, metric objects and continual (task x concept) matrices."""

@@ -1,0 +1,182 @@
+"""The continual-method interface: a strategy with hooks around each task (Avalanche-style).
+
+The engine (:mod:`conceptstream.engine`) owns the model, the data and the training loop; a
+method decides what is trainable, what the loss is, and what happens before and after a task,
+and keeps its own state (Fisher, anchors, adapter pool, locked deltas) as named tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from conceptstream.adapters.registry import adapter_parameters
+from conceptstream.scoring.dc import DiffusionClassifier, candidate_subset
+
+
+@dataclass
+class ConceptInfo:
+    """A concept of the stream as the methods see it."""
+
+    token: str
+    noun: str
+    token_id: int
+    task_index: int
+
+
+@dataclass
+class TaskContext:
+    """Everything a method may use during one task. Latents live in memory only (replay-free)."""
+
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    dc: DiffusionClassifier
+    concepts: list[ConceptInfo]  # every seen concept, the current one last
+    latent_mean: torch.Tensor  # [N, C, H, W] current task only
+    latent_std: torch.Tensor
+    generator: torch.Generator
+    device: torch.device
+    include_noun: bool = True
+    progress: bool = False
+    logs: list[dict] = field(default_factory=list)
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def current(self) -> ConceptInfo:
+        return self.concepts[-1]
+
+    @property
+    def n_seen(self) -> int:
+        return len(self.concepts)
+
+    def prompt(self, concept: ConceptInfo) -> str:
+        return f"a photo of a {concept.token} {concept.noun}" if self.include_noun else f"a photo of a {concept.token}"
+
+    @staticmethod
+    def class_prompt(noun: str) -> str:
+        return f"a photo of a {noun}"
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def fixed_embedding(self, prompt: str) -> torch.Tensor:
+        """Embeddings of prompts that cannot change during the task (cached, no grad)."""
+        if prompt not in self._cache:
+            with torch.no_grad():
+                self._cache[prompt] = self.encode([prompt])[0]
+        return self._cache[prompt]
+
+    def sample_latents(self, batch_size: int) -> torch.Tensor:
+        """A minibatch of current-task latents (posterior samples, random horizontal flips)."""
+        n = self.latent_mean.shape[0]
+        idx = torch.randint(0, n, (batch_size,), generator=self.generator)
+        eps = torch.randn(self.latent_mean[idx].shape, generator=self.generator)
+        z = self.latent_mean[idx] + self.latent_std[idx] * eps
+        flip = torch.rand(batch_size, generator=self.generator) < 0.5
+        z = torch.where(flip[:, None, None, None], z.flip(-1), z)
+        return z.to(self.device)
+
+    def dc_candidates(self, k: int, required: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[int], int]:
+        """Candidate embeddings [K, L, D]: c_0 (class prompt of the current noun) + k seen concepts.
+
+        Returns the embeddings, the concept index of each candidate (-1 for c_0) and the position
+        of the current concept. The current concept's embedding keeps its gradient path.
+        """
+        cur = self.n_seen - 1
+        chosen = candidate_subset(self.n_seen, cur, k, self.generator, required)
+        embeds = [self.fixed_embedding(self.class_prompt(self.current.noun))]
+        for i in chosen:
+            prompt = self.prompt(self.concepts[i])
+            embeds.append(self.encode([prompt])[0] if i == cur else self.fixed_embedding(prompt))
+        return torch.stack(embeds), [-1, *chosen], 1 + chosen.index(cur)
+
+
+class ContinualMethod:
+    """Base strategy: sequential fine-tuning of the adapter and the new token (plain denoising loss)."""
+
+    name: ClassVar[str] = "base"
+    uses_adapter: ClassVar[bool] = True
+    trains_token: ClassVar[bool] = True
+    random_token_init: ClassVar[bool] = False
+    include_noun: ClassVar[bool] = True
+    # How the method's saved state grows with the number of tasks (documented in `info`).
+    state_growth: ClassVar[str] = "none beyond one token row per concept"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **hparams: Any) -> None:
+        unknown = set(hparams) - set(self.all_defaults())
+        if unknown:
+            from conceptstream.errors import UserInputError
+
+            raise UserInputError(f"method {self.name!r} has no setting(s) {sorted(unknown)}; "
+                                 f"it takes: {', '.join(sorted(self.all_defaults()))}")
+        self.hparams = {**self.all_defaults(), **hparams}
+
+    @classmethod
+    def all_defaults(cls) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(getattr(klass, "defaults", {}) or {})
+        return merged
+
+    # -- what is trained ---------------------------------------------------------------------
+    def trainable_groups(self, ctx: TaskContext, token_rows: torch.nn.Parameter | None) -> list[dict]:
+        """Optimizer parameter groups for this task."""
+        groups = []
+        if self.uses_adapter:
+            groups.append({"params": list(adapter_parameters(ctx.unet).values()), "lr": self.hparams["lr"],
+                           "name": "adapter"})
+        if token_rows is not None:
+            groups.append({"params": [token_rows], "lr": self.hparams["token_lr"], "name": "token"})
+        return groups
+
+    # -- hooks -------------------------------------------------------------------------------
+    def setup(self, unet, n_tasks_done: int) -> None:
+        """Called once after the model and the method state are loaded (training or inference)."""
+
+    def before_task(self, ctx: TaskContext) -> None:
+        """Called before the first step of a task."""
+
+    def loss(self, ctx: TaskContext, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        z = ctx.sample_latents(self.hparams["batch_size"])
+        loss = self.denoise_loss(ctx, z)
+        return loss, {"denoise": loss.item()}
+
+    def after_task(self, ctx: TaskContext) -> None:
+        """Called after the last step (Fisher, consolidation, bookkeeping)."""
+
+    def prepare_inference(self, unet) -> None:
+        """Put the method's state into the UNet for sampling (e.g. C-LoRA's locked deltas)."""
+
+    # -- state -------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise ValueError(f"method {self.name} keeps no state but got {len(tensors)} tensors")
+
+    # -- shared pieces -----------------------------------------------------------------------
+    @staticmethod
+    def denoise_loss(ctx: TaskContext, z: torch.Tensor) -> torch.Tensor:
+        b = z.shape[0]
+        t = torch.randint(0, ctx.dc.num_train_timesteps, (b,), generator=ctx.generator).to(ctx.device)
+        noise = torch.randn(z.shape, generator=ctx.generator).to(ctx.device)
+        cond = ctx.encode([ctx.prompt(ctx.current)] * b)
+        pred = ctx.unet(ctx.dc.noisy(z, t, noise), t, cond).sample
+        return F.mse_loss(pred.float(), noise.float())
+
+
+BASE_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,  # adapter learning rate (tiny model; SD LoRA commonly uses 1e-4)
+    "token_lr": 5e-3,
+    "batch_size": 4,
+}
+ContinualMethod.defaults = dict(BASE_DEFAULTS)

@@ -1,0 +1,9 @@
+"""Sequential LoRA: keep training one adapter, no regularisation (the forgetting baseline)."""
+
+from conceptstream.methods.registry import register
+from conceptstream.methods.regularised import RegularisedAdapterMethod
+
+
+@register
+class SequentialLoRA(RegularisedAdapterMethod):
+    name = "lora"

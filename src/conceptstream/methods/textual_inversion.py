@@ -1,0 +1,15 @@
+"""Textual Inversion (Gal et al. 2023), run sequentially: only the new token is learned.
+
+Nothing else changes, so nothing is forgotten, but little can be learned: the lower bound on
+plasticity that the adapter methods are compared against.
+"""
+
+from conceptstream.methods.base import ContinualMethod
+from conceptstream.methods.registry import register
+
+
+@register
+class TextualInversion(ContinualMethod):
+    name = "textual-inversion"
+    uses_adapter = False
+    defaults = {"token_lr": 5e-3}

@@ -1,0 +1,126 @@
+"""Diffusion-classifier (DC) scores: p(c_i | x) from denoising errors under shared noise.
+
+For latents x, candidates c_0..c_k and one shared (t, eps):
+``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps``, ``e_i = reduce(||eps - eps_theta(x_t, c_i, t)||^2)``,
+``p(c_i | x) = softmax_i(-e_i / temperature)``.
+
+All candidates of all images go through ONE batched UNet call (images x candidates along the
+batch), text embeddings are computed once per call (and cached by the caller for fixed prompts),
+and everything stays differentiable w.r.t. the adapter and the token being learned.
+
+The scale is explicit: ``reduction="mean"`` averages over latent elements (logit gaps ~1e-3,
+so the temperature must be small), ``"sum"`` sums them (gaps grow with latent size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DCConfig:
+    """Settings of DC scores; see the module docstring for what the scale means."""
+
+    temperature: float = 0.01
+    reduction: str = "mean"
+    eval_timesteps: int = 8  # stratified t for evaluation mode
+    t_min: int = 100  # training draws t in [t_min, t_max): very low/high t carry little class signal
+    t_max: int = 900
+
+    def validate(self) -> DCConfig:
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"DC reduction must be 'mean' or 'sum', got {self.reduction!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"DC temperature must be > 0, got {self.temperature}")
+        return self
+
+
+class DiffusionClassifier:
+    """Scores images against candidate prompts with a (possibly adapted) UNet."""
+
+    def __init__(self, unet, scheduler, config: DCConfig | None = None) -> None:
+        self.unet = unet
+        self.config = (config or DCConfig()).validate()
+        self.alphas_cumprod = scheduler.alphas_cumprod.float()
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+
+    def noisy(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1).to(latents.dtype)
+        return a.sqrt() * latents + (1 - a).sqrt() * noise
+
+    def errors(self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+               unet_forward=None) -> torch.Tensor:
+        """Denoising errors [B, K] of B images under K candidate embeddings [K, L, D] (or [B, K, L, D]).
+
+        ``t`` is [B] and ``noise`` is [B, C, H, W]: each image has its own draw, shared by all its
+        candidates. ``unet_forward`` lets callers run a teacher (e.g. via functional_call).
+        """
+        b = latents.shape[0]
+        k = cond.shape[-3]
+        x_t = self.noisy(latents, t, noise)
+        x_rep = x_t.repeat_interleave(k, dim=0)
+        t_rep = t.repeat_interleave(k, dim=0)
+        if cond.dim() == 3:
+            cond = cond.unsqueeze(0).expand(b, -1, -1, -1)
+        cond_rep = cond.reshape(b * k, *cond.shape[-2:])
+        forward = unet_forward or (lambda x, tt, h: self.unet(x, tt, h).sample)
+        pred = forward(x_rep, t_rep, cond_rep)
+        target = noise.repeat_interleave(k, dim=0)
+        err = (pred.float() - target.float()).pow(2).flatten(1)
+        err = err.mean(1) if self.config.reduction == "mean" else err.sum(1)
+        return err.view(b, k)
+
+    def logits(self, errors: torch.Tensor) -> torch.Tensor:
+        return -errors / self.config.temperature
+
+    def log_probs(self, errors: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.logits(errors), dim=-1)
+
+    def sample_draw(self, latents: torch.Tensor, generator: torch.Generator | None = None):
+        """One shared (t, eps) per image for training (t within [t_min, t_max))."""
+        b = latents.shape[0]
+        t = torch.randint(self.config.t_min, self.config.t_max, (b,), generator=generator).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        return t, noise
+
+    def train_log_probs(self, latents: torch.Tensor, cond: torch.Tensor,
+                        generator: torch.Generator | None = None, unet_forward=None) -> torch.Tensor:
+        """Log p(c | x) [B, K] from one shared draw per image: the noisy training-time estimate."""
+        t, noise = self.sample_draw(latents, generator)
+        return self.log_probs(self.errors(latents, cond, t, noise, unet_forward))
+
+    @torch.no_grad()
+    def eval_errors(self, latents: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Errors averaged over ``eval_timesteps`` stratified timesteps, same draws for every candidate."""
+        n = self.config.eval_timesteps
+        g = torch.Generator().manual_seed(seed)
+        edges = torch.linspace(0, self.num_train_timesteps, n + 1)
+        total = torch.zeros(latents.shape[0], cond.shape[-3], device=latents.device)
+        for j in range(n):
+            lo, hi = int(edges[j]), max(int(edges[j]) + 1, int(edges[j + 1]))
+            t = torch.randint(lo, hi, (latents.shape[0],), generator=g).to(latents.device)
+            noise = torch.randn(latents.shape, generator=g, dtype=latents.dtype).to(latents.device)
+            total += self.errors(latents, cond, t, noise)
+        return total / n
+
+    @torch.no_grad()
+    def classify(self, latents: torch.Tensor, cond: torch.Tensor, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+        """Predicted candidate index per image (evaluation mode)."""
+        preds = []
+        for i in range(0, latents.shape[0], batch_size):
+            preds.append(self.eval_errors(latents[i : i + batch_size], cond, seed + i).argmin(-1))
+        return torch.cat(preds)
+
+
+def candidate_subset(seen: int, target: int, k: int, generator: torch.Generator | None = None,
+                     required: tuple[int, ...] = ()) -> list[int]:
+    """Sorted indices (into seen concepts 0..seen-1) of k concepts: ``target`` and ``required``
+    always, the rest drawn at random."""
+    chosen = {target, *required}
+    others = [i for i in range(seen) if i not in chosen]
+    room = max(0, min(k, seen) - len(chosen))
+    perm = torch.randperm(len(others), generator=generator)[:room].tolist()
+    return sorted(chosen | {others[j] for j in perm})

@@ -1,0 +1,126 @@
+"""The bundled tiny Stable-Diffusion-format model: component configs and the real CLIP tokenizer.
+
+The components are stock diffusers/transformers classes; only their sizes are small, so every
+code path is the one a user runs with SD 1.x/2.x weights.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+IMAGE_SIZE = 64
+LATENT_SIZE = 16  # VAE downsamples by 4 (three encoder blocks)
+TEXT_DIM = 64
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=IMAGE_SIZE,
+    mid_block_add_attention=False,
+)
+
+UNET_CONFIG = dict(
+    sample_size=LATENT_SIZE,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(64, 96, 96),
+    layers_per_block=1,
+    cross_attention_dim=TEXT_DIM,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+
+TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=TEXT_DIM,
+    intermediate_size=4 * TEXT_DIM,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=TEXT_DIM,
+    hidden_act="quick_gelu",
+)
+
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_clip_vocab(folder: Path) -> tuple[Path, Path]:
+    """Write CLIP's ``vocab.json`` and ``merges.txt`` from the vendored BPE file."""
+    raw = resources.files("conceptstream.assets").joinpath("clip_bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    lines = gzip.decompress(raw).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    vocab_path.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    merges_path.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return vocab_path, merges_path
+
+
+def build_clip_tokenizer():
+    """A stock ``transformers.CLIPTokenizer`` with the genuine CLIP vocabulary (49408 tokens)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = write_clip_vocab(Path(tmp))
+        return CLIPTokenizer(
+            vocab=str(vocab),
+            merges=str(merges),
+            model_max_length=77,
+            bos_token="<|startoftext|>",
+            eos_token="<|endoftext|>",
+            unk_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+        )
+
+
+def build_components(seed: int = 0) -> dict:
+    """Freshly initialised components of the tiny pipeline (before base training)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return dict(
+        vae=AutoencoderKL(**VAE_CONFIG),
+        unet=UNet2DConditionModel(**UNET_CONFIG),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
+        tokenizer=build_clip_tokenizer(),
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+    )
