@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/base-model-quality.json")
     p.add_argument("--grid", default="benchmarks/results/base-model-samples.png")
+    p.add_argument("--workdir", default=None, help="train-base work dir: also record the result for the model card")
     args = p.parse_args(argv)
 
     from conceptstream.evaluation.features import EfficientNetLite0Features
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     make_grid(tiles, cols=8).save(args.grid)
+    if args.workdir:
+        progress = json.loads((Path(args.workdir) / "progress.json").read_text())
+        result["unet_step"] = progress.get("unet_step")
+        (Path(args.workdir) / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

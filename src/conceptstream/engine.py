@@ -31,6 +31,8 @@ from conceptstream.models.tokens import (
 from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
 
 DEFAULT_STEPS = 200
+DEFAULT_CHECKPOINT_EVERY = 50  # in-task checkpoint interval of `learn` (0 disables checkpoints)
+CHECKPOINT_KIND = "conceptstream-learn-task"
 
 
 class TrainingDiverged(ConceptstreamError):
@@ -202,8 +204,15 @@ class ConceptStream:
         return torch.cat(means).float().cpu() * sf, torch.cat(stds).float().cpu() * sf
 
     def learn(self, images: list[Image.Image], token: str, noun: str, steps: int = DEFAULT_STEPS, seed: int = 0,
-              progress: bool = True, on_step=None) -> TaskReport:
-        """Learn one concept in memory (the caller commits). Raises before touching the model on bad input."""
+              progress: bool = True, on_step=None, checkpoint_every: int = 0, on_checkpoint=None,
+              resume: tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None = None) -> TaskReport:
+        """Learn one concept in memory (the caller commits). Raises before touching the model on bad input.
+
+        Every ``checkpoint_every`` steps ``on_checkpoint(tensors, info)`` receives an in-task checkpoint
+        (:meth:`_task_checkpoint`): the trained values, the optimizer state, the RNG states and the task's
+        token/noun/seed/steps, never an image, a latent or an image feature (resuming re-reads the images).
+        ``resume=(tensors, info)`` continues from such a checkpoint; the result equals an uninterrupted run.
+        """
         import time
 
         from tqdm.auto import tqdm
@@ -218,6 +227,10 @@ class ConceptStream:
             raise UserInputError("the class noun is empty; give one, e.g. --noun 'teddy bear'")
         if steps < 1:
             raise UserInputError(f"--steps must be >= 1, got {steps}")
+        if checkpoint_every < 0:
+            raise UserInputError(f"--checkpoint-every must be >= 0 (0 = no checkpoints), got {checkpoint_every}")
+        if resume is not None:
+            self._check_resume_info(resume[1], token, noun, steps, seed, len(images))
         t0 = time.time()
         torch.manual_seed(seed)
         mean, std = self.encode_images(images)
@@ -234,20 +247,24 @@ class ConceptStream:
         wrapper = ConceptEmbedding(base_embedding, [token_id]) if method.trains_token else None
         if wrapper is not None:
             pipe.text_encoder.set_input_embeddings(wrapper)
+        task = {"token": token, "noun": noun, "seed": seed, "steps": steps, "images": len(images)}
         try:
             method.before_task(ctx)
             groups = method.trainable_groups(ctx, wrapper.rows if wrapper is not None else None)
             opt = torch.optim.AdamW(groups, weight_decay=0.0)
+            params = self._trained_parameters(opt, wrapper)
+            start, loss_value = 0, math.nan
+            if resume is not None:
+                start = self._restore_checkpoint(resume, params, opt, ctx.generator)
+                loss_value = float(resume[1].get("loss", math.nan))
             pipe.unet.train()
             logs: list[dict] = []
-            loss_value = math.nan
-            bar = tqdm(range(steps), desc=f"learn {token}", disable=not progress)
+            bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"learn {token}", disable=not progress)
             for step in bar:
                 loss, info = method.loss(ctx, step)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
-                    raise TrainingDiverged(f"the loss became {loss_value} at step {step} of {token}; lower the "
-                                           "learning rate (--lr) or regulariser weights; the saved state is unchanged")
+                    raise self._diverged(f"the loss became {loss_value} at step {step} of {token}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -256,8 +273,16 @@ class ConceptStream:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 if on_step is not None:
                     on_step(step, info)
+                done = step + 1
+                if on_checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:
+                    on_checkpoint(*self._task_checkpoint(params, opt, ctx.generator,
+                                                         {**task, "step": done, "loss": loss_value}))
+            bar.close()
             pipe.unet.eval()
             method.after_task(ctx)
+            bad = self._first_non_finite(params, method.state_tensors())
+            if bad:
+                raise self._diverged(f"{bad} of {token} became NaN/inf during training")
         finally:
             if wrapper is not None:
                 pipe.text_encoder.set_input_embeddings(wrapper.write_back())
@@ -268,6 +293,97 @@ class ConceptStream:
                                           "images": len(images)})
         self._sync_manifest()
         return TaskReport(token, noun, len(self.tokens) - 1, steps, time.time() - t0, loss_value, logs)
+
+    # -- in-task checkpoints -------------------------------------------------------------------
+    @staticmethod
+    def _diverged(what: str) -> TrainingDiverged:
+        return TrainingDiverged(f"{what}; the method's learning rates (--set lr=..., --set token_lr=...) or "
+                                "regulariser weights are too high for these images; the saved state is unchanged")
+
+    @staticmethod
+    def _first_non_finite(params: dict[str, torch.Tensor], method_state: dict[str, torch.Tensor]) -> str | None:
+        for kind, tensors in (("parameter", params), ("method state", method_state)):
+            for name, value in tensors.items():
+                if value.is_floating_point() and not bool(torch.isfinite(value.detach()).all()):
+                    return f"{kind} {name}"
+        return None
+
+    def _trained_parameters(self, opt: torch.optim.Optimizer, wrapper: ConceptEmbedding | None) -> dict:
+        """Every parameter the optimizer updates, by a stable name (``token``, ``unet.<name>``, ...)."""
+        names = {id(p): f"unet.{n}" for n, p in self.pipe.unet.named_parameters()}
+        names.update({id(p): f"text_encoder.{n}" for n, p in self.pipe.text_encoder.named_parameters()})
+        if wrapper is not None:
+            names[id(wrapper.rows)] = "token"
+        out: dict[str, torch.nn.Parameter] = {}
+        for gi, group in enumerate(opt.param_groups):
+            for pi, p in enumerate(group["params"]):
+                out[names.get(id(p), f"group{gi}.param{pi}")] = p
+        return out
+
+    def _task_checkpoint(self, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+                         generator: torch.Generator, task: dict[str, Any]):
+        """``(tensors, info)`` of an in-task checkpoint. Tensor files and names (documented, checked by tests):
+
+        - ``trainable``: the values being trained, ``token`` (the new token's row) and ``unet.<param>``;
+        - ``optimizer``: AdamW state as ``<param index>.<exp_avg|exp_avg_sq|step>``;
+        - ``rng``: ``torch`` (global CPU RNG), ``generator`` (the task's sampling RNG), ``cuda``.
+        The task's latents are not saved: they are recomputed from the images on resume.
+        """
+        from conceptstream.safeio import optimizer_to_tensors
+
+        opt_tensors, opt_meta = optimizer_to_tensors(opt)
+        rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        tensors = {"trainable": {n: p.detach().cpu().clone() for n, p in params.items()},
+                   "optimizer": {k: v.detach().cpu().clone() for k, v in opt_tensors.items()}, "rng": rng}
+        info = {"kind": CHECKPOINT_KIND, **task, "method": self.settings.method,
+                "stream": {"base_model": dict(self.manifest["base_model"]), "method": dict(self.manifest["method"])},
+                "optimizer": opt_meta}
+        return tensors, info
+
+    def _check_resume_info(self, info: dict[str, Any], token: str, noun: str, steps: int, seed: int,
+                           n_images: int) -> None:
+        if info.get("kind") != CHECKPOINT_KIND:
+            raise StateError("the checkpoint is not an in-task checkpoint of `learn`; discard it "
+                             "(--discard-checkpoint)")
+        expected = {"token": token, "noun": noun, "steps": steps, "seed": seed, "images": n_images,
+                    "method": self.settings.method}
+        for key, value in expected.items():
+            if info.get(key) != value:
+                raise StateError(f"the checkpoint does not fit this task: it has {key} {info.get(key)!r}, this task "
+                                 f"{value!r}; resume with the interrupted task's settings or --discard-checkpoint")
+        step = info.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 < step < steps:
+            raise StateError(f"the checkpoint's step {step!r} is not within 1..{steps - 1}; it is damaged "
+                             "(--discard-checkpoint)")
+
+    def _restore_checkpoint(self, resume, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+                            generator: torch.Generator) -> int:
+        """Load a checkpoint into the live task (values, optimizer, RNGs); returns the next step."""
+        from conceptstream.safeio import optimizer_from_tensors
+
+        tensors, info = resume
+        damaged = "the checkpoint does not fit this stream ({}); discard it with --discard-checkpoint"
+        trained = tensors.get("trainable", {})
+        if set(trained) != set(params):
+            extra, missing = sorted(set(trained) - set(params)), sorted(set(params) - set(trained))
+            raise StateError(damaged.format(f"unexpected {extra[:1]}, missing {missing[:1]}"))
+        try:
+            with torch.no_grad():
+                for name, p in params.items():
+                    if trained[name].shape != p.shape:
+                        raise ValueError(f"{name} has shape {tuple(trained[name].shape)}, expected {tuple(p.shape)}")
+                    p.copy_(trained[name].to(p.device, p.dtype))
+            optimizer_from_tensors(opt, tensors.get("optimizer", {}), info.get("optimizer", {}))
+            rng = tensors.get("rng", {})
+            torch.set_rng_state(rng["torch"])
+            generator.set_state(rng["generator"])
+            if self.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise StateError(damaged.format(f"{type(exc).__name__}: {exc}")) from None
+        return int(info["step"])
 
     # -- sampling ------------------------------------------------------------------------------
     def check_prompt(self, prompt: str) -> None:

@@ -71,12 +71,11 @@ def check_pipeline_folder(path: Path) -> None:
 
 def load_pipeline(model: str | Path | None = BUNDLED, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A stock ``StableDiffusionPipeline`` with safety checker off and progress bars on."""
+    ref = resolve_model(model)  # before importing diffusers: a bad --model fails fast, with one line on stderr
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
-
     from transformers.utils import logging as tlogging
 
-    ref = resolve_model(model)
     verbosity = dlogging.get_verbosity()
     dlogging.set_verbosity_error()
     dlogging.disable_progress_bar()

@@ -320,10 +320,17 @@ class BaseTrainer:
 
         s, cfg = self.state, self.cfg
         classes = ", ".join(c.noun for c in BASE_CLASSES)
-        quality = s.get("quality")
-        qtext = "not measured yet (run `python benchmarks/base_model_quality.py`)."
-        if quality:
-            qtext = json.dumps(quality, indent=2)
+        qpath = self.workdir / "quality.json"
+        qtext = "not measured yet (run `python benchmarks/base_model_quality.py --workdir WORKDIR`)."
+        if qpath.exists():
+            q = json.loads(qpath.read_text())
+            rows = "\n".join(f"| {n} | {v['centroid_accuracy']:.2f} | {v['KID_x1e3']:.1f} |" for n, v in q["per_class"].items())
+            qtext = (f"Measured at UNet step {q.get('unet_step', '?')} by `{q['command'].strip()}` "
+                     f"({q['settings']['per_class']} samples per class, {q['settings']['steps']} DDIM steps, guidance "
+                     f"{q['settings']['guidance']}; EfficientNet-Lite0 features vs {q['settings']['real_per_class']} "
+                     f"held-out real renders per class).\n\nNearest real-class-centroid accuracy: "
+                     f"**{q['centroid_accuracy']:.3f}** (target 0.8).\n\n| class | centroid accuracy | KID x1e3 |\n"
+                     f"|---|---|---|\n{rows}\n")
         return f"""# conceptstream tiny-sd (bundled base model)
 
 A Stable-Diffusion-format text-to-image model small enough to train and run on a 2-core CPU.

@@ -1,0 +1,73 @@
+"""Shared fixtures: the bundled tiny model, a tiny random pipeline, rendered concept folders, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import conceptstream
+
+SRC = str(Path(conceptstream.__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> Path:
+    """The bundled trained tiny-sd folder; a missing model is a failure, never a skip."""
+    path = Path(conceptstream.bundled_model())
+    if not (path / "model_index.json").is_file():
+        pytest.fail(f"the bundled model is missing at {path} (no model_index.json); train/export it with "
+                    "`conceptstream world train-base --workdir WORKDIR` before running these tests", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_model_path(tmp_path_factory) -> Path:
+    """A freshly initialised (untrained) tiny pipeline folder, for tests that need no trained weights."""
+    from diffusers import StableDiffusionPipeline
+
+    from conceptstream.world.tiny_model import build_components
+
+    folder = tmp_path_factory.mktemp("random-tiny-sd")
+    pipe = StableDiffusionPipeline(**build_components(seed=0), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def world_sequence(tmp_path_factory) -> Path:
+    """The first three tabletop-6 concepts as a sequence folder (8 train + 8 eval views each)."""
+    from conceptstream.world.catalogue import get_sequence
+    from conceptstream.world.folders import export_sequence
+
+    root = tmp_path_factory.mktemp("world-seq")
+    export_sequence(get_sequence("tabletop-6")[:3], root, train_views=8, eval_views=8, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def concept_dirs(world_sequence) -> list[Path]:
+    from conceptstream.world.folders import read_sequence
+
+    return [c.path for c in read_sequence(world_sequence)]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m conceptstream.cli ARGS`` in a fresh process (real stdout/stderr, real exit code)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run([sys.executable, "-m", "conceptstream.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def assert_one_line_error(stderr: str) -> str:
+    """stderr holds exactly one line and it is the CLI's error line; returns it."""
+    lines = stderr.strip("\n").splitlines()
+    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{stderr}"
+    assert lines[0].startswith("conceptstream: error:"), lines[0]
+    return lines[0]
