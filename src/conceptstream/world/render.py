@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +44,27 @@ def stable_rng(*key: object) -> np.random.Generator:
     """A numpy generator seeded from a key, identical across processes and Python versions."""
     text = "\x1f".join(str(k) for k in key)
     return np.random.default_rng([zlib.crc32(text.encode()), len(text)])
+
+
+@contextmanager
+def _quiet_c_stdout():
+    """Silence output that C code writes to fd 1 (pybullet's build banner), keeping stdout clean."""
+    import ctypes
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        yield
+    finally:
+        try:
+            ctypes.CDLL(None).fflush(None)  # drain C's stdio buffer while it still points at /dev/null
+        except (OSError, AttributeError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _pybullet():
@@ -105,7 +128,8 @@ class TabletopRenderer:
     def client(self) -> int:
         if self._client is None:
             pb, _ = _pybullet()
-            self._client = pb.connect(pb.DIRECT)
+            with _quiet_c_stdout():
+                self._client = pb.connect(pb.DIRECT)
         return self._client
 
     def close(self) -> None:
@@ -293,5 +317,3 @@ def class_sheet(renderer: TabletopRenderer, per_class: int = 6, seed: int = 0) -
             sheet.paste(renderer.render_class(cls, c, seed).image, (c * s, r * s))
     return sheet
 
-
-os.environ.setdefault("PYBULLET_SUPPRESS_BANNER", "1")
