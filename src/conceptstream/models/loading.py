@@ -72,9 +72,12 @@ def check_pipeline_folder(path: Path) -> None:
 def load_pipeline(model: str | Path | None = BUNDLED, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A stock ``StableDiffusionPipeline`` with safety checker off and progress bars on."""
     ref = resolve_model(model)  # before importing diffusers: a bad --model fails fast, with one line on stderr
+    from transformers.utils import logging as tlogging
+
+    previous = tlogging.get_verbosity()
+    tlogging.set_verbosity_error()  # silence notes about image processors the pipeline does not use
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
-    from transformers.utils import logging as tlogging
 
     verbosity = dlogging.get_verbosity()
     dlogging.set_verbosity_error()
@@ -90,6 +93,7 @@ def load_pipeline(model: str | Path | None = BUNDLED, dtype: torch.dtype = torch
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(f"could not load Stable Diffusion pipeline {ref!r}: {first}") from None
     finally:
+        tlogging.set_verbosity(previous)
         dlogging.set_verbosity(verbosity)
         dlogging.enable_progress_bar()
         tlogging.enable_progress_bar()
