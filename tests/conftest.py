@@ -71,3 +71,12 @@ def assert_one_line_error(stderr: str) -> str:
     assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{stderr}"
     assert lines[0].startswith("conceptstream: error:"), lines[0]
     return lines[0]
+
+
+def assert_error_after_progress(stderr: str) -> str:
+    """For commands that may draw a progress bar first: one error line, the last one, no traceback."""
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "conceptstream: error:" in ln]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("conceptstream: error:"), stderr
+    assert "Traceback" not in stderr, stderr
+    return errors[0]

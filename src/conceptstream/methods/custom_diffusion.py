@@ -49,7 +49,9 @@ class CustomDiffusion(ContinualMethod):
     @torch.no_grad()
     def after_task(self, ctx: TaskContext) -> None:
         self.delta = {n: (m.weight.detach() - self._original[n]).clone() for n, m in self._layers.items()}
-        for m in self._layers.values():
+        for n, m in self._layers.items():
+            # W0 + (W - W0) can differ from W by round-off: use the weights a reload rebuilds, bit for bit
+            m.weight.copy_(self._original[n] + self.delta[n].to(m.weight.dtype))
             m.weight.requires_grad_(False)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,444 @@
+"""The bench's Markdown report: summary tables, heatmaps, curves, image grids, C-LoRA norms.
+
+Input is the ``results.json`` document written by :mod:`conceptstream.evaluation.bench`; output
+is ``OUT/report.md`` with its figures in ``OUT/report/``. Plots use matplotlib's object API on the
+Agg canvas (no pyplot global state, no display needed); image grids are composed with PIL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from conceptstream.safeio import atomic_path, write_text_atomic
+
+# (summary key, table header, higher is better, decimals)
+SUMMARY_COLUMNS: tuple[tuple[str, str, bool, int], ...] = (
+    ("A_MMD", "A_MMD ↓", False, 3),
+    ("BwT_MMD", "BwT_MMD ↑", True, 3),
+    ("forgetting_MMD", "Forgetting_MMD ↓", False, 3),
+    ("plasticity_MMD", "Plasticity_MMD ↓", False, 3),
+    ("KID", "KID ↓", False, 3),
+    ("I2I", "I2I ↑", True, 3),
+    ("T2I", "T2I ↑", True, 3),
+    ("DC_acc", "DC acc ↑", True, 3),
+    ("learn_seconds", "train s", False, 0),
+)
+MATRIX_METRICS = ("MMD", "KID", "I2I", "T2I")
+
+
+def _link(path: str) -> str:
+    """A relative path usable inside a Markdown link (spaces and parentheses escaped)."""
+    return path.replace(" ", "%20").replace("(", "%28").replace(")", "%29")
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+
+
+def _save_image(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._=+-]", "-", text)
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def summary_table(doc: Mapping[str, Any]) -> list[str]:
+    summary = doc.get("summary", {})
+    t2i = doc.get("t2i", {}).get("available", False)
+    cols = [c for c in SUMMARY_COLUMNS if c[0] != "T2I" or t2i]
+    best: dict[str, float] = {}
+    for key, _, higher, _ in cols:
+        means = [s[key]["mean"] for s in summary.values() if _finite((s.get(key) or {}).get("mean"))]
+        if len(means) > 1 and key != "learn_seconds":
+            best[key] = max(means) if higher else min(means)
+    lines = ["| method | seeds | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for label, s in summary.items():
+        n = max([(s.get(k) or {}).get("n", 0) or 0 for k, *_ in cols] + [0])
+        cells = []
+        for key, _, _, nd in cols:
+            agg = s.get(key) or {}
+            mean, std = agg.get("mean"), agg.get("std")
+            if not _finite(mean):
+                cells.append("n/a")
+                continue
+            text = f"{mean:.{nd}f} ± {std:.{nd}f}" if _finite(std) else f"{mean:.{nd}f}"
+            cells.append(f"**{text}**" if key in best and mean == best[key] else text)
+        lines.append(f"| `{label}` | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ------------------------------------------------------------------------------ plots
+
+
+def _mean_matrix(doc: Mapping[str, Any], label: str, metric: str) -> list[list[float | None]] | None:
+    return ((doc["runs"].get(label) or {}).get("mean_matrices") or {}).get(metric)
+
+
+def heatmaps(doc: Mapping[str, Any], metric: str, path: Path) -> bool:
+    """One panel per method: the seed-mean matrix M[n][i] of ``metric`` (upper triangle blank)."""
+    import numpy as np
+
+    labels = [lb for lb in doc["runs"] if _mean_matrix(doc, lb, metric)]
+    if not labels:
+        return False
+    mats = {lb: np.array([[np.nan if v is None else v for v in row] for row in _mean_matrix(doc, lb, metric)],
+                         dtype=float) for lb in labels}
+    values = np.concatenate([m[np.isfinite(m)] for m in mats.values()])
+    if values.size == 0:
+        return False
+    vmin, vmax = float(values.min()), float(values.max())
+    if vmin == vmax:
+        vmin, vmax = vmin - 1e-9, vmax + 1e-9
+    n = next(iter(mats.values())).shape[0]
+    cols = min(4, len(labels))
+    rows = math.ceil(len(labels) / cols)
+    size = max(2.6, min(6.0, 0.45 * n + 1.2))
+    fig = _figure(cols * size + 1.0, rows * size)
+    higher = doc.get("metrics", {}).get(metric, {}).get("higher_is_better", False)
+    cmap = "viridis" if higher else "viridis_r"
+    image = None
+    for k, lb in enumerate(labels):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        m = np.ma.masked_invalid(mats[lb])
+        image = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax)
+        ax.set_title(lb, fontsize=9)
+        ax.set_xlabel("concept i", fontsize=8)
+        if k % cols == 0:
+            ax.set_ylabel("after task n", fontsize=8)
+        ticks = list(range(n)) if n <= 12 else list(range(0, n, max(1, n // 10)))
+        ax.set_xticks(ticks, [str(t + 1) for t in ticks], fontsize=7)
+        ax.set_yticks(ticks, [str(t + 1) for t in ticks], fontsize=7)
+        if n <= 8:
+            for r in range(n):
+                for c in range(r + 1):
+                    value = mats[lb][r, c]
+                    if np.isfinite(value):
+                        # Dark text on the bright end of the colour map, white on the dark end.
+                        bright = (value - vmin) / (vmax - vmin) < 0.5 if not higher else (value - vmin) / (vmax - vmin) > 0.5
+                        ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                                color="k" if bright else "w")
+    arrow = "higher is better" if higher else "lower is better"
+    fig.suptitle(f"{metric} matrix M[n][i] (mean over seeds; {arrow}; brighter = better)", fontsize=10)
+    fig.colorbar(image, ax=fig.axes, shrink=0.8)
+    _save_figure(fig, path)
+    return True
+
+
+def curves(doc: Mapping[str, Any], metric: str, path: Path) -> bool:
+    """Left: mean over seen concepts after each task. Right: the first concept over tasks (forgetting)."""
+    labels = [lb for lb in doc["runs"] if _mean_matrix(doc, lb, metric)]
+    if not labels:
+        return False
+    fig = _figure(11, 4)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for lb in labels:
+        m = _mean_matrix(doc, lb, metric)
+        xs = list(range(1, len(m) + 1))
+        seen = [[v for v in row[: n + 1] if v is not None] for n, row in enumerate(m)]
+        left.plot(xs, [sum(r) / len(r) if r else math.nan for r in seen], marker="o", ms=3, label=lb)
+        right.plot(xs, [row[0] if row[0] is not None else math.nan for row in m], marker="o", ms=3, label=lb)
+    unit = "" if metric in ("I2I", "T2I") else " (x1e3)"
+    left.set_title(f"{metric}{unit}: mean over concepts learned so far", fontsize=9)
+    right.set_title(f"{metric}{unit} of concept 1 after each task", fontsize=9)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (left, right):
+        ax.set_xlabel("task")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=7, loc="best")
+    _save_figure(fig, path)
+    return True
+
+
+def clora_norms(doc: Mapping[str, Any], out: Path, label: str, path: Path) -> bool:
+    """LoRA norm and L_forget per step over the whole stream (first seed), task boundaries marked."""
+    seeds = doc["runs"][label]["seeds"]
+    if not seeds:
+        return False
+    run = seeds[sorted(seeds, key=int)[0]]
+    steps, norm, forget, bounds = [], [], [], []
+    g = 0
+    for t in run["tasks"]:
+        if not t.get("logs") or not (out / t["logs"]).is_file():
+            continue
+        bounds.append(g)
+        for entry in json.loads((out / t["logs"]).read_text()):
+            if "lora_norm" in entry:
+                steps.append(g)
+                norm.append(entry["lora_norm"])
+                forget.append(entry.get("l_forget"))
+                g += 1
+    if not steps:
+        return False
+    fig = _figure(11, 3.6)
+    a, b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    a.plot(steps, norm, lw=1)
+    a.set_title("C-LoRA: norm of the current task's LoRA (B A)", fontsize=9)
+    b.plot(steps, [math.nan if v is None else v for v in forget], lw=1, color="tab:red")
+    b.set_title("C-LoRA: L_forget per step", fontsize=9)
+    positive = [v for v in forget if v is not None and v > 0]
+    if positive and len(positive) == len([v for v in forget if v is not None]):
+        b.set_yscale("log")
+    else:
+        b.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a, b):
+        ax.set_xlabel("training step (all tasks)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        for x in bounds[1:]:
+            ax.axvline(x, color="grey", lw=0.6, ls="--")
+    _save_figure(fig, path)
+    return True
+
+
+# ------------------------------------------------------------------------------ image grids
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def labelled_grid(cells: Sequence[Sequence[Image.Image | None]], row_labels: Sequence[str],
+                  col_labels: Sequence[str], tile: int = 96, label_width: int | None = None) -> Image.Image:
+    """Rows x columns of tiles with text labels on the left and on top; ``None`` cells stay blank."""
+    n_rows, n_cols = len(cells), max(len(r) for r in cells)
+    if label_width is None:
+        label_width = min(300, 8 + 6 * max([len(t) for t in row_labels] + [8]))
+    head = 30
+    pad = 2
+    grid = Image.new("RGB", (label_width + n_cols * (tile + pad) + pad, head + n_rows * (tile + pad) + pad),
+                     (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    font = _font()
+    for c, text in enumerate(col_labels):
+        x = label_width + pad + c * (tile + pad)
+        # Two lines of up to tile/6 characters each.
+        width = max(4, tile // 6)
+        draw.text((x, 2), text[:width], fill=(0, 0, 0), font=font)
+        if len(text) > width:
+            draw.text((x, 14), text[width: 2 * width], fill=(0, 0, 0), font=font)
+    for r, row in enumerate(cells):
+        y = head + pad + r * (tile + pad)
+        draw.text((2, y + tile // 2 - 6), row_labels[r][: label_width // 6], fill=(0, 0, 0), font=font)
+        for c, im in enumerate(row):
+            x = label_width + pad + c * (tile + pad)
+            if im is None:
+                draw.rectangle((x, y, x + tile - 1, y + tile - 1), fill=(235, 235, 235))
+            else:
+                grid.paste(im.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST), (x, y))
+    return grid
+
+
+def _first_tile(out: Path, rel: str | None, tiles: int | None) -> Image.Image | None:
+    if not rel or not (out / rel).is_file():
+        return None
+    with Image.open(out / rel) as strip:
+        strip.load()
+        k = max(1, int(tiles or round(strip.width / strip.height)))
+        w = strip.width // k
+        return strip.crop((0, 0, w, strip.height)).convert("RGB")
+
+
+def _first_seed(doc: Mapping[str, Any], label: str) -> dict[str, Any] | None:
+    seeds = doc["runs"][label]["seeds"]
+    return seeds[sorted(seeds, key=int)[0]] if seeds else None
+
+
+def _real_image(doc: Mapping[str, Any], concept: Mapping[str, Any]) -> Image.Image | None:
+    from conceptstream.world.folders import list_images
+
+    folder = Path(doc["settings"]["data"]) / concept["name"] / "eval"
+    if not folder.is_dir():
+        return None
+    paths = list_images(folder)
+    if not paths:
+        return None
+    with Image.open(paths[0]) as im:
+        return im.convert("RGB")
+
+
+def final_grid(doc: Mapping[str, Any], out: Path, path: Path) -> bool:
+    """Concepts x methods after the last task (first seed, first sample), with a real held-out view."""
+    concepts = doc["settings"]["concepts"]
+    labels = [lb for lb in doc["runs"] if _first_seed(doc, lb)]
+    if not labels:
+        return False
+    cells = []
+    for i, c in enumerate(concepts):
+        row = [_real_image(doc, c)]
+        for lb in labels:
+            run = _first_seed(doc, lb)
+            last = run["tasks"][-1]
+            row.append(_first_tile(out, (last.get("samples") or [None] * (i + 1))[i], last.get("sample_tiles")))
+        cells.append(row)
+    grid = labelled_grid(cells, [f"{c['token']} {c['noun']}" for c in concepts], ["real (held-out)", *labels])
+    _save_image(grid, path)
+    return True
+
+
+def task_grid(doc: Mapping[str, Any], out: Path, label: str, path: Path) -> bool:
+    """Concept x task for one method: how each concept's samples change as later tasks are learned."""
+    run = _first_seed(doc, label)
+    if not run:
+        return False
+    concepts = doc["settings"]["concepts"]
+    tasks = run["tasks"]
+    cells = []
+    for i in range(len(concepts)):
+        row = []
+        for n, t in enumerate(tasks):
+            samples = t.get("samples") or []
+            row.append(_first_tile(out, samples[i], t.get("sample_tiles")) if i <= n and i < len(samples) else None)
+        cells.append(row)
+    grid = labelled_grid(cells, [f"{c['token']} {c['noun']}" for c in concepts],
+                         [f"after task {n + 1}" for n in range(len(tasks))])
+    _save_image(grid, path)
+    return True
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def _settings_lines(doc: Mapping[str, Any]) -> list[str]:
+    s = doc["settings"]
+    g = s["generation"]
+    f = s["features"]
+    v = doc.get("versions", {})
+    concepts = ", ".join(f"`{c['token']}` ({c['noun']}, {c['train_images']} train / {c['eval_images']} eval)"
+                         for c in s["concepts"])
+    lines = [
+        f"- **Sequence**: `{s['sequence']}`, {len(s['concepts'])} concepts: {concepts}",
+        f"- **Model**: `{s['model']['reference']}` (fingerprint `{s['model']['fingerprint']}`); adapter "
+        f"`{s['adapter']}`" + (f" rank {s['rank']}" if s.get("rank") else "") + f"; {s['steps']} steps per task; "
+        f"seeds {s['seeds']}" + ("; **quick mode**" if s.get("quick") else ""),
+        f"- **Generation**: {g['images_per_concept']} images per concept ({g['images_per_prompt']} per prompt; "
+        f"prompt `a photo of a <token> NOUN`"
+        + ("".join(f", `... {c}`" for c in g["contexts"])) + f"), {g['sampler']} {g['steps']} steps, guidance "
+        f"{g['guidance']}, fixed seeds",
+        f"- **Features**: `{f['name']}` ({f['dim']}-d); MMD and KID are x10^3; I2I is a cosine similarity",
+        f"- **DC accuracy**: held-out real images classified among {s['dc_eval']['candidates']}, "
+        f"{s['dc_eval']['eval_timesteps']} stratified timesteps",
+        "- **T2I**: " + (f"{'available' if doc['t2i']['available'] else 'not available: ' + str(doc['t2i']['reason'])}"),
+        f"- **Wall time**: {doc.get('wall_seconds', 0):.0f}s (this invocation); versions: "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if k != "platform"),
+    ]
+    if s.get("fixed_adapter"):
+        lines.append("- " + ", ".join(f"`{m}` always runs on {a}" for m, a in s["fixed_adapter"].items())
+                     + " (the method is defined on that adapter)")
+    if s.get("sweep"):
+        lines.append("- **Sweep**: " + ", ".join(f"`{k}` in {v}" for k, v in s["sweep"].items()))
+    return lines
+
+
+def write_report(doc: Mapping[str, Any], out: str | Path) -> Path:
+    """Write ``out/report.md`` (and figures under ``out/report/``) from a results document."""
+    out = Path(out)
+    figs = out / "report"
+    figs.mkdir(parents=True, exist_ok=True)
+    rel = lambda p: _link(p.relative_to(out).as_posix())  # noqa: E731
+    md: list[str] = ["# conceptstream bench report", ""]
+    if not doc.get("complete"):
+        md += ["> **Incomplete**: some runs have not finished or failed; numbers cover finished runs only.", ""]
+    md += ["## Settings", "", *_settings_lines(doc), ""]
+    md += ["## Summary (mean ± std over seeds)", "",
+           "A = average over all concepts after the last task; BwT = mean of (score when learned - score at "
+           "the end), negative means forgetting; Forgetting = final score minus the best earlier score; "
+           "Plasticity = mean score of each concept right after it was learned. Best mean in bold.", "",
+           *summary_table(doc), ""]
+    if not doc.get("t2i", {}).get("available"):
+        md += [f"T2I is not reported: {doc.get('t2i', {}).get('reason')}.", ""]
+    if doc.get("failed"):
+        md += ["### Failed runs", ""]
+        md += [f"- `{f['label']}` seed {f['seed']} (`{f['run']}`): {f['error']}" for f in doc["failed"]]
+        md += [""]
+
+    md += ["## Continual matrices", ""]
+    for metric in MATRIX_METRICS:
+        p = figs / f"heatmap-{metric}.png"
+        if heatmaps(doc, metric, p):
+            md += [f"### {metric}", "", f"![{metric} heatmaps]({rel(p)})", ""]
+    md += ["## Metrics over tasks", ""]
+    for metric in MATRIX_METRICS:
+        p = figs / f"curve-{metric}.png"
+        if curves(doc, metric, p):
+            md += [f"![{metric} over tasks]({rel(p)})", ""]
+
+    md += ["## Samples", ""]
+    p = figs / "grid-final.png"
+    if final_grid(doc, out, p):
+        md += ["### All methods after the last task", "",
+               "One row per concept: a real held-out view, then the first sample of `a photo of a <token> NOUN` "
+               "from each method (first seed).", "", f"![final samples]({rel(p)})", ""]
+    for label in doc["runs"]:
+        p = figs / f"grid-tasks-{_slug(label)}.png"
+        if task_grid(doc, out, label, p):
+            md += [f"### `{label}`: each concept after every task", "", f"![{label} over tasks]({rel(p)})", ""]
+
+    multi = [(lb, _first_seed(doc, lb)) for lb in doc["runs"]]
+    multi = [(lb, run) for lb, run in multi if run and run.get("multi")]
+    if multi:
+        md += ["## Multi-concept samples", "", "Two learned tokens in one prompt, final model, first seed.", ""]
+        for lb, run in multi:
+            for m in run["multi"]:
+                if (out / m["image"]).is_file():
+                    md += [f"- `{lb}`: `{m['prompt']}`", "", f"  ![{lb} multi]({_link(m['image'])})", ""]
+
+    clora = [lb for lb, r in doc["runs"].items() if r.get("method") == "c-lora"]
+    if clora:
+        md += ["## C-LoRA norms", "",
+               "The paper's critique of C-LoRA: its penalty is minimised by shrinking the new LoRA, so the norm "
+               "of each task's LoRA collapses. Logged per training step (first seed); dashed lines are task "
+               "boundaries.", ""]
+        for lb in clora:
+            p = figs / f"clora-norms-{_slug(lb)}.png"
+            if clora_norms(doc, out, lb, p):
+                md += [f"![{lb} norms]({rel(p)})", ""]
+
+    md += ["## Runs", "", "| method | seed | train s | eval s | peak RSS MiB | state KiB | result |",
+           "|---|---|---|---|---|---|---|"]
+    for lb, r in doc["runs"].items():
+        for seed, run in sorted(r["seeds"].items(), key=lambda kv: int(kv[0])):
+            learn = sum(t.get("learn_seconds") or 0 for t in run["tasks"])
+            ev = sum(t.get("eval_seconds") or 0 for t in run["tasks"]) + (run.get("final_eval_seconds") or 0)
+            peaks = [(t.get("memory") or {}).get("peak_rss_mib") for t in run["tasks"]]
+            peak = max([p for p in peaks if p is not None], default=None)
+            res = f"{run['run_dir']}/result.json"
+            md.append(f"| `{lb}` | {seed} | {learn:.0f} | {ev:.0f} | {peak if peak is not None else 'n/a'} | "
+                      f"{(run.get('state_bytes') or 0) / 1024:.0f} | [result.json]({_link(res)}) |")
+    md += ["", "Every number, matrix and setting is in [results.json](results.json)."]
+    path = out / "report.md"
+    write_text_atomic(path, "\n".join(md) + "\n")
+    return path

@@ -1,0 +1,321 @@
+"""`conceptstream bench` end to end in --quick mode on a tiny random pipeline (2 methods, 2 concepts).
+
+One bench folder is built once for the module, through an interrupted first attempt and a resume;
+the tests then check its files and how reruns treat finished, deleted and mismatched runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+import torch
+
+from conceptstream import api
+from conceptstream.errors import StateError, UserInputError
+from conceptstream.evaluation import bench as bench_mod
+from conceptstream.evaluation.bench import expand_variants, parse_sweep, prepare_data, run_bench
+
+torch.set_num_threads(1)
+
+METHODS = ["lora", "ewc-dc"]
+LABEL_DIRS = {"lora": "runs/lora-lora/seed0", "ewc-dc": "runs/ewc-dc-lora/seed0"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from diffusers import StableDiffusionPipeline
+
+    from conceptstream.world.tiny_model import build_components
+
+    folder = tmp_path_factory.mktemp("tiny-sd") / "pipe"
+    pipe = StableDiffusionPipeline(**build_components(0), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+class LearnSpy:
+    """Wraps api.learn: records (run folder, task index) per call; can fail one chosen call."""
+
+    def __init__(self, real, fail_on: tuple[str, int] | None = None) -> None:
+        self.real = real
+        self.fail_on = fail_on
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, state, images, **kwargs):
+        run = Path(state).parent.parent.name
+        task = _n_learned(Path(state))
+        self.calls.append((run, task))
+        if self.fail_on == (run, task):
+            raise RuntimeError("simulated crash inside learn")
+        return self.real(state, images, **kwargs)
+
+
+def _n_learned(state: Path) -> int:
+    from conceptstream.state import StateStore
+
+    store = StateStore(state)
+    return len(store.read_manifest()["concepts"]) if store.exists() else 0
+
+
+def _bench(out: Path, model: str, **kwargs):
+    return run_bench(out, sequence="tabletop-3", methods=METHODS, quick=True, steps=2, model=model,
+                     progress=False, log=lambda line: None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tiny_model, tmp_path_factory):
+    """A finished quick bench, produced by a first attempt that crashes at ewc-dc's task 2 and a rerun."""
+    out = tmp_path_factory.mktemp("bench") / "out"
+    mp = pytest.MonkeyPatch()
+    try:
+        spy = LearnSpy(api.learn, fail_on=("ewc-dc-lora", 1))
+        mp.setattr(api, "learn", spy)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            _bench(out, tiny_model, keep_going=False)
+        assert spy.calls == [("lora-lora", 0), ("lora-lora", 1), ("ewc-dc-lora", 0), ("ewc-dc-lora", 1)]
+        lora_result = out / LABEL_DIRS["lora"] / "result.json"
+        ewc_dir = out / LABEL_DIRS["ewc-dc"]
+        # The finished run is intact; the interrupted one kept its first task and has no result.
+        assert json.loads(lora_result.read_text())["status"] == "complete"
+        assert not (ewc_dir / "result.json").exists()
+        assert len(json.loads((ewc_dir / "progress.json").read_text())["tasks"]) == 1
+        partial = json.loads((out / "results.json").read_text())
+        assert partial["complete"] is False and "lora" in partial["summary"]
+        mtime = lora_result.stat().st_mtime_ns
+
+        spy = LearnSpy(spy.real)
+        mp.setattr(api, "learn", spy)
+        results = _bench(out, tiny_model)
+        assert spy.calls == [("ewc-dc-lora", 1)]  # only the task in flight is redone
+        assert lora_result.stat().st_mtime_ns == mtime
+        assert results["complete"] is True
+    finally:
+        mp.undo()
+    return out
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {label: (out / d / "result.json").stat().st_mtime_ns for label, d in LABEL_DIRS.items()}
+
+
+# ------------------------------------------------------------------------------ cheap unit tests
+
+
+def test_parse_sweep_values_are_json_when_possible():
+    assert parse_sweep("ewc_lambda=1,10,100") == ("ewc_lambda", [1, 10, 100])
+    assert parse_sweep("dc-delta=0.1, 1e-2") == ("dc_delta", [0.1, 0.01])
+    assert parse_sweep("targets=cross-kv") == ("targets", ["cross-kv"])
+    with pytest.raises(UserInputError, match="KEY=V1"):
+        parse_sweep("ewc_lambda")
+
+
+def test_variants_labels_dirs_and_sweeps():
+    vs = expand_variants(["lora", "ewc-dc", "c-lora", "textual-inversion"], "lora", {"ewc_lambda": [1, 10]})
+    assert [v.label for v in vs] == ["lora", "ewc-dc[ewc_lambda=1]", "ewc-dc[ewc_lambda=10]", "c-lora",
+                                     "textual-inversion"]
+    assert [v.dirname for v in vs] == ["lora-lora", "ewc-dc-lora_ewc_lambda=1", "ewc-dc-lora_ewc_lambda=10",
+                                       "c-lora-lora", "textual-inversion"]
+    assert vs[1].hparams == (("ewc_lambda", 1),)
+    vera = expand_variants(["ewc-dc", "c-lora"], "vera")
+    assert [v.label for v in vera] == ["ewc-dc-vera", "c-lora"]  # C-LoRA is defined on LoRA
+    with pytest.raises(UserInputError, match="no_such_setting"):
+        expand_variants(["lora"], "lora", {"no_such_setting": [1]})
+    with pytest.raises(UserInputError, match="unknown method"):
+        expand_variants(["nope"], "lora")
+
+
+def test_user_sequence_folder_needs_held_out_images(tmp_path):
+    from conceptstream.world.catalogue import get_sequence
+    from conceptstream.world.folders import export_sequence
+
+    root = tmp_path / "mine"
+    export_sequence(get_sequence("tabletop-3")[:2], root, train_views=2, eval_views=2)
+    data = prepare_data(root, tmp_path / "out", 3, 3)
+    assert not data.named and [c.token for c in data.concepts] == [c.token for c in get_sequence("tabletop-3")[:2]]
+    for p in (root / data.concepts[1].name / "eval").iterdir():
+        p.unlink()
+    with pytest.raises(UserInputError, match="held-out"):
+        prepare_data(root, tmp_path / "out", 3, 3)
+
+
+def test_cli_bench_is_a_thin_wrapper(monkeypatch, capsys):
+    from conceptstream import cli
+
+    seen = {}
+
+    def fake(out, **kwargs):
+        seen.update(kwargs, out=out)
+        return {"summary": {}, "failed": []}
+
+    monkeypatch.setattr(bench_mod, "run_bench", fake)
+    code = cli.main(["bench", "--sequence", "tabletop-6", "--methods", "lora,ewc-dc", "--adapter", "vera",
+                     "--seeds", "2", "--out", "x", "--steps", "5", "--quick", "--sweep", "ewc_lambda=1,10",
+                     "--set", "dsc_iters=5", "--features", "efficientnet-lite0", "--model", "tiny"])
+    assert code == 0
+    assert seen["out"] == "x" and seen["methods"] == "lora,ewc-dc" and seen["adapter"] == "vera"
+    assert seen["seeds"] == 2 and seen["steps"] == 5 and seen["quick"] is True
+    assert seen["sweep"] == ["ewc_lambda=1,10"] and seen["model"] == "tiny" and seen["keep_going"] is True
+    assert seen["hparams"] == ["dsc_iters=5"]
+
+
+def test_settings_no_method_has_are_refused_before_any_work(tmp_path):
+    with pytest.raises(UserInputError, match="no_such_setting"):
+        run_bench(tmp_path / "o", methods=["lora"], hparams=["no_such_setting=1"], quick=True)
+    with pytest.raises(UserInputError, match="both"):
+        run_bench(tmp_path / "o", methods=["ewc-dc"], hparams={"ewc_lambda": 1}, sweep=["ewc_lambda=1,2"])
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def test_results_json_has_summary_matrices_and_settings(bench_dir):
+    doc = json.loads((bench_dir / "results.json").read_text())
+    assert doc["format"] == "conceptstream-bench" and doc["complete"] is True and doc["failed"] == []
+    assert set(doc["summary"]) == set(METHODS)
+    for label in METHODS:
+        s = doc["summary"][label]
+        for key in ("A_MMD", "BwT_MMD", "forgetting_MMD", "plasticity_MMD", "KID", "I2I", "DC_acc"):
+            assert set(s[key]) == {"mean", "std", "n"}, key
+            assert s[key]["n"] == 1 and isinstance(s[key]["mean"], float) and s[key]["std"] == 0.0
+        assert s["T2I"] == {"mean": None, "std": None, "n": 0}  # no CLIP: unavailable, not made up
+        assert 0.0 <= s["DC_acc"]["mean"] <= 1.0
+        run = doc["runs"][label]["seeds"]["0"]
+        for metric in ("MMD", "KID", "I2I"):
+            m = run["matrices"][metric]
+            assert len(m) == 2 and m[0][1] is None  # above the diagonal: not defined
+            assert all(isinstance(m[n][i], float) for n in range(2) for i in range(n + 1))
+        assert run["matrices"]["T2I"] is None
+        a_mmd = sum(run["matrices"]["MMD"][1]) / 2
+        assert s["A_MMD"]["mean"] == pytest.approx(a_mmd)
+        bwt = run["matrices"]["MMD"][0][0] - run["matrices"]["MMD"][1][0]
+        assert s["BwT_MMD"]["mean"] == pytest.approx(bwt)
+        assert len(run["dc"]["confusion"]) == 2 and len(run["dc"]["confusion"][0]) == 3  # c_0 + 2 concepts
+        assert run["hparams"]["lr"] > 0 and run["config"]["steps"] == 2
+        for t in run["tasks"]:
+            assert t["eval_seconds"] > 0 and t["memory"]["peak_rss_mib"] > 0
+        assert all(t["learn_seconds"] is not None for t in run["tasks"])
+        mean = doc["runs"][label]["mean_matrices"]["MMD"]
+        assert mean[0][1] is None and mean == run["matrices"]["MMD"]
+    assert doc["runs"]["ewc-dc"]["seeds"]["0"]["hparams"]["ewc_lambda"] is not None
+    settings = doc["settings"]
+    assert settings["steps"] == 2 and settings["quick"] is True and settings["seeds"] == [0]
+    assert len(settings["concepts"]) == 2 and settings["features"]["name"] == "efficientnet-lite0"
+    assert settings["generation"]["images_per_concept"] == 2 and settings["generation"]["sampler"]
+    assert "torch" in doc["versions"] and "diffusers" in doc["versions"]
+    assert doc["t2i"]["available"] is False and "CLIP" in doc["t2i"]["reason"]
+
+
+def test_report_links_point_to_existing_files(bench_dir):
+    text = (bench_dir / "report.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(images) >= 8  # heatmaps, curves, grids, multi-concept samples
+    for link in links:
+        assert (bench_dir / unquote(link)).is_file(), link
+    assert "## Summary" in text and "`ewc-dc`" in text and "T2I is not reported" in text
+    assert any("heatmap-MMD" in p for p in images) and any("grid-final" in p for p in images)
+    assert any("multi/pair" in p for p in images)
+
+
+def test_rerun_skips_finished_runs(bench_dir, tiny_model, monkeypatch):
+    spy = LearnSpy(api.learn)
+    monkeypatch.setattr(api, "learn", spy)
+    before = _mtimes(bench_dir)
+    _bench(bench_dir, tiny_model)
+    assert spy.calls == [] and _mtimes(bench_dir) == before
+
+
+def test_deleted_result_file_recomputes_only_that_run(bench_dir, tiny_model, monkeypatch):
+    spy = LearnSpy(api.learn)
+    monkeypatch.setattr(api, "learn", spy)
+    before = _mtimes(bench_dir)
+    (bench_dir / LABEL_DIRS["lora"] / "result.json").unlink()
+    _bench(bench_dir, tiny_model)
+    after = _mtimes(bench_dir)
+    assert after["ewc-dc"] == before["ewc-dc"] and after["lora"] != before["lora"]
+    assert spy.calls == []  # re-finalised from its saved per-task evaluations
+
+    import shutil
+
+    shutil.rmtree(bench_dir / LABEL_DIRS["lora"])
+    results = _bench(bench_dir, tiny_model)
+    assert spy.calls == [("lora-lora", 0), ("lora-lora", 1)]  # that run only, from scratch
+    assert _mtimes(bench_dir)["ewc-dc"] == before["ewc-dc"]
+    assert results["complete"] is True
+
+
+def test_rerun_with_other_settings_is_refused(bench_dir, tiny_model):
+    before = _mtimes(bench_dir)
+    with pytest.raises(StateError, match="steps"):
+        run_bench(bench_dir, sequence="tabletop-3", methods=METHODS, quick=True, steps=3, model=tiny_model,
+                  progress=False, log=lambda line: None)
+    assert _mtimes(bench_dir) == before
+
+
+def test_keep_going_records_a_failed_run(tmp_path, tiny_model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(api, "learn", broken)
+    out = tmp_path / "b"
+    results = run_bench(out, sequence="tabletop-3", methods=["lora"], quick=True, steps=2, model=tiny_model,
+                        progress=False, log=lambda line: None)
+    assert results["complete"] is False
+    assert [(f["label"], f["seed"]) for f in results["failed"]] == [("lora", 0)]
+    assert "boom" in results["failed"][0]["error"]
+    assert json.loads((out / "results.json").read_text())["failed"][0]["label"] == "lora"
+    assert "Failed runs" in (out / "report.md").read_text()
+
+
+def test_t2i_uses_prompts_without_the_token_when_the_extractor_has_text(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from conceptstream.evaluation.bench import Evaluator
+    from conceptstream.evaluation.features import FeatureExtractor
+    from conceptstream.world.catalogue import get_sequence
+    from conceptstream.world.folders import export_sequence
+
+    class TextFeatures(FeatureExtractor):
+        name, dim, supports_text = "stub-clip", 3, True
+
+        def __init__(self):
+            self.texts: list[str] = []
+
+        def _embed(self, batch):
+            return torch.tensor([[float(im.getpixel((0, 0))[0]) + 1.0, 1.0, float(k)] for k, im in enumerate(batch)])
+
+        def text_features(self, prompts):
+            self.texts += list(prompts)
+            return torch.ones(len(prompts), 3)
+
+    class Stream:
+        def __init__(self):
+            self.prompts: list[str] = []
+
+        def generate(self, prompt, n, seed, steps, guidance, progress):
+            self.prompts.append(prompt)
+            return [Image.new("RGB", (8, 8), (10 * (seed % 7) + k, 0, 0)) for k in range(n)]
+
+    export_sequence(get_sequence("tabletop-3")[:1], tmp_path / "d", train_views=1, eval_views=2)
+    data = prepare_data(tmp_path / "d", tmp_path / "o", 1, 2)
+    settings = SimpleNamespace(contexts=("on grass",), images_per_prompt=2, gen_seed=0, ddim_steps=2, guidance=5.0)
+    extractor = TextFeatures()
+    ev = Evaluator(settings, data, extractor)
+    assert ev.t2i_available and ev.t2i_reason is None
+    c = data.concepts[0]
+    stream = Stream()
+    scores, first = ev.score_concept(stream, 0, include_noun=True)
+    assert stream.prompts == [f"a photo of a {c.token} {c.noun}", f"a photo of a {c.token} {c.noun} on grass"]
+    assert extractor.texts == [f"a photo of a {c.noun}"] * 2 + [f"a photo of a {c.noun} on grass"] * 2
+    assert isinstance(scores["T2I"], float) and -1.0 <= scores["T2I"] <= 1.0 and len(first) == 2
+    stream = Stream()
+    ev.score_concept(stream, 0, include_noun=False)  # C-LoRA's prompts carry no class noun
+    assert stream.prompts[0] == f"a photo of a {c.token}"
