@@ -50,7 +50,8 @@ def check_new_token(tokenizer, token: str) -> None:
     validate_token(token)
     vocab = tokenizer.get_vocab()
     if token in vocab or f"{token}</w>" in vocab:
-        raise UserInputError(f"token {token!r} already exists in the tokenizer; choose a new name, e.g. '<my-{token.strip('<>')}>'")
+        suggestion = f"<my-{token.strip('<>')}>"
+        raise UserInputError(f"token {token!r} already exists in the tokenizer; choose a new name, e.g. {suggestion!r}")
 
 
 def add_tokens(tokenizer, text_encoder, tokens: list[str]) -> list[int]:
