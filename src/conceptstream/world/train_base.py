@@ -50,6 +50,9 @@ class BaseTrainingConfig:
     export_every: int = 2000
     seed: int = 0
     max_minutes: float | None = None
+    # Seed an empty work directory from an exported model folder (its training.json + weights):
+    # training continues from the exported EMA weights with a fresh optimizer.
+    init_from: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -112,7 +115,32 @@ class BaseTrainer:
             self.state.update({k: v for k, v in saved.items() if k != "config"})
         self._t0 = time.time()
         self._wall0 = self.state["wall_seconds"]
+        if not self.state_path.exists() and cfg.init_from:
+            self._seed_from_export(Path(cfg.init_from))
+            self._wall0 = self.state["wall_seconds"]
         self._stop_requested = False
+
+    def _seed_from_export(self, folder: Path) -> None:
+        """Start from an exported pipeline (e.g. the bundled model) when the work dir was lost."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        info_path = folder / "training.json"
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{folder} has no training.json; cannot continue training from it")
+        info = json.loads(info_path.read_text())
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True)
+        save_tensors_atomic(vae.state_dict(), self.workdir / "vae.safetensors")
+        weights = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+        weights.update({f"text.{k}": v for k, v in text.state_dict().items()})
+        save_tensors_atomic(weights, self.workdir / "unet.safetensors")
+        save_tensors_atomic(weights, self.workdir / "ema.safetensors")
+        self.state.update({"vae_step": info["vae_step"], "unet_step": info["unet_step"],
+                           "scaling_factor": info["scaling_factor"], "wall_seconds": info.get("wall_seconds", 0.0),
+                           "seeded_from": str(folder), "warm_start": info["unet_step"]})
+        self._save_state()
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _elapsed(self) -> float:
@@ -139,7 +167,8 @@ class BaseTrainer:
         ck = self.workdir / "vae.safetensors"
         if ck.exists():
             vae.load_state_dict(load_tensors(ck))
-            optimizer_from_tensors(opt, *load_tensors_with_metadata(self.workdir / "vae_opt.safetensors"))
+            if (self.workdir / "vae_opt.safetensors").exists():
+                optimizer_from_tensors(opt, *load_tensors_with_metadata(self.workdir / "vae_opt.safetensors"))
         step = self.state["vae_step"]
         if step >= cfg.vae_steps:
             return
@@ -215,7 +244,9 @@ class BaseTrainer:
             ema = load_tensors(self.workdir / "ema.safetensors")
             ema_unet = {k[5:]: v for k, v in ema.items() if k.startswith("unet.")}
             ema_text.update({k[5:]: v for k, v in ema.items() if k.startswith("text.")})
-            optimizer_from_tensors(opt, *load_tensors_with_metadata(self.workdir / "unet_opt.safetensors"))
+            opt_path = self.workdir / "unet_opt.safetensors"
+            if opt_path.exists():  # absent when seeded from an export: fresh optimizer, warm-up again
+                optimizer_from_tensors(opt, *load_tensors_with_metadata(opt_path))
         alphas = sched.alphas_cumprod.float()
         snr = alphas / (1 - alphas)
         step = self.state["unet_step"]
@@ -236,7 +267,7 @@ class BaseTrainer:
             noise = torch.randn(z.shape, generator=g)
             a = alphas[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z + (1 - a).sqrt() * noise
-            warm = min(1.0, (step + 1) / 500)
+            warm = min(1.0, (step - self.state.get("warm_start", 0) + 1) / 500)
             for group, base in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr)):
                 # warm-up, then cosine decay to 10% over the planned steps
                 group["lr"] = base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps)))
@@ -304,6 +335,8 @@ class BaseTrainer:
             shutil.rmtree(tmp)
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_text_atomic(tmp / "README.md", self.model_card())
+        write_json_atomic(tmp / "training.json", {k: self.state.get(k) for k in
+                                                  ("vae_step", "unet_step", "scaling_factor", "wall_seconds")})
         old = out.with_name(out.name + ".old")
         if out.exists():
             if old.exists():
