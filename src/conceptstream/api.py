@@ -15,8 +15,15 @@ import torch
 from PIL import Image
 
 from conceptstream.adapters.registry import AdapterSpec
-from conceptstream.engine import DEFAULT_STEPS, ConceptStream, StreamSettings, TaskReport
-from conceptstream.errors import StateError, UserInputError
+from conceptstream.engine import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_STEPS,
+    ConceptStream,
+    StreamSettings,
+    TaskReport,
+    TrainingDiverged,
+)
+from conceptstream.errors import ConceptstreamError, StateError, UserInputError
 from conceptstream.scoring.dc import DCConfig
 from conceptstream.state import StateStore
 
@@ -37,10 +44,19 @@ def open_stream(state: str | Path, model: str | None = None, device: str | None 
         raise UserInputError(f"{state} is not a conceptstream state (create one with `conceptstream learn {state} ...`)")
     manifest = store.read_manifest()
     tensors = {name: store.load_tensors(name) for name in TENSOR_FILES if store.has_file(name)}
-    return ConceptStream.from_state(manifest, tensors, model=model, device=_device(device), dtype=dtype, path=Path(state))
+    try:
+        return ConceptStream.from_state(manifest, tensors, model=model, device=_device(device), dtype=dtype,
+                                        path=Path(state))
+    except ConceptstreamError:
+        raise
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # tensors that do not fit the manifest/model
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise StateError(f"{state} cannot be loaded ({type(exc).__name__}: {first}); its files do not fit its "
+                         "manifest or this base model — restore the state from a backup") from None
 
 
-def _resolve_concept(images: str | Path, token: str | None, noun: str | None) -> tuple[list[Path], str, str]:
+def _resolve_concept(images: str | Path, token: str | None, noun: str | None,
+                     required: bool = True) -> tuple[list[Path], str | None, str | None]:
     from conceptstream.data import collect_image_paths
     from conceptstream.world.folders import read_concept
 
@@ -49,43 +65,156 @@ def _resolve_concept(images: str | Path, token: str | None, noun: str | None) ->
         folder = read_concept(src)
         token = token or folder.token
         noun = noun or folder.noun
-    if not token:
+    if required and not token:
         raise UserInputError("--token is required (e.g. --token '<my-dog>') unless --images is a concept folder")
-    if not noun:
+    if required and not noun:
         raise UserInputError("--noun is required (the class noun, e.g. --noun dog) unless --images is a concept folder")
     return collect_image_paths(src), token, noun
 
 
 def learn(state: str | Path, images: str | Path | list[Image.Image], token: str | None = None,
           noun: str | None = None, method: str | None = None, model: str | None = None,
-          steps: int = DEFAULT_STEPS, seed: int = 0, adapter: str | None = None, rank: int | None = None,
+          steps: int | None = None, seed: int | None = None, adapter: str | None = None, rank: int | None = None,
           targets: str | None = None, hparams: dict[str, Any] | None = None, dc: dict[str, Any] | None = None,
-          device: str | None = None, progress: bool = True) -> TaskReport:
-    """Add one concept to the stream at ``state`` (created on the first call)."""
-    from conceptstream.data import load_images
+          device: str | None = None, progress: bool = True, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+          resume: bool = False, discard_checkpoint: bool = False) -> TaskReport:
+    """Add one concept to the stream at ``state`` (created on the first call).
 
+    Every ``checkpoint_every`` steps (0: never) the task's progress is saved in ``state/checkpoint/``
+    (trained values, optimizer and RNG state; never images or latents). An interrupted task is continued
+    with ``resume=True`` from the same images (the token, noun, steps and seed come from the checkpoint)
+    or dropped with ``discard_checkpoint=True``; a plain call while a checkpoint is pending is refused,
+    so progress is never thrown away silently. ``steps``/``seed`` default to 200/0 for a new task.
+    """
+    from conceptstream.world.folders import validate_token
+
+    if resume and discard_checkpoint:
+        raise UserInputError("--resume and --discard-checkpoint cannot be combined; pick one")
+    if steps is not None and steps < 1:
+        raise UserInputError(f"--steps must be >= 1, got {steps}")
+    if checkpoint_every < 0:
+        raise UserInputError(f"--checkpoint-every must be >= 0 (0 = no checkpoints), got {checkpoint_every}")
+    paths: list[Path] | None = None
+    pil_images: list[Image.Image] | None = None
+    if isinstance(images, list):
+        if not resume and (not token or not noun):
+            raise UserInputError("token and noun are required when passing images directly")
+        pil_images = images
+    else:
+        paths, token, noun = _resolve_concept(images, token, noun, required=not resume)
+    if token is not None:
+        validate_token(token)
     store = StateStore(state)
-    with store.lock():
-        if isinstance(images, list):
-            if not token or not noun:
-                raise UserInputError("token and noun are required when passing images directly")
-            pil_images = images
-        else:
-            paths, token, noun = _resolve_concept(images, token, noun)
-        if store.exists():
-            stream = open_stream(state, model=model, device=device)
-            _check_same_settings(stream, method, adapter, rank, targets, hparams)
-        else:
-            spec = AdapterSpec(kind=adapter or "lora", rank=rank or (4 if (adapter or "lora") == "lora" else 64),
-                               targets=targets or "cross-kv")
-            settings = StreamSettings(method=method or "ewc-dc", adapter=spec, hparams=dict(hparams or {}),
-                                      dc=DCConfig(**(dc or {})))
-            stream = ConceptStream.new(model or "tiny", settings, device=_device(device))
-        if not isinstance(images, list):
-            pil_images = load_images(paths, stream.resolution)
-        report = stream.learn(pil_images, token, noun, steps=steps, seed=seed, progress=progress)
-        store.commit(stream.manifest, stream.state_tensors())
+    created = not store.path.exists()
+    try:
+        with store.lock():
+            if discard_checkpoint:
+                store.clear_checkpoint()
+            checkpoint = store.load_checkpoint()
+            if checkpoint is not None and not resume:
+                i = checkpoint[1]
+                raise StateError(f"{state} has an interrupted task ({i.get('token')} {i.get('noun')}, step "
+                                 f"{i.get('step')}/{i.get('steps')}); rerun with --resume to continue it or "
+                                 "--discard-checkpoint to drop it")
+            if checkpoint is None and resume:
+                raise UserInputError(f"{state} has no interrupted task to resume; drop --resume")
+            if checkpoint is not None:
+                info = checkpoint[1]
+                token, noun, steps, seed = _resume_task(info, token, noun, steps, seed)
+                n_images = len(paths) if paths is not None else len(pil_images or [])
+                if n_images != info.get("images"):
+                    raise UserInputError(f"the interrupted task was learning from {info.get('images')} images but "
+                                         f"{n_images} were given; resume with the same images or start over with "
+                                         "--discard-checkpoint")
+            steps = DEFAULT_STEPS if steps is None else steps
+            seed = 0 if seed is None else seed
+            if store.exists() and token in {c["token"] for c in store.read_manifest()["concepts"]}:
+                raise UserInputError(f"token {token!r} is already in this stream; pick a new token for a new concept")
+            if store.exists():
+                stream = open_stream(state, model=model, device=device)
+                _check_same_settings(stream, method, adapter, rank, targets, hparams)
+            elif checkpoint is not None:
+                stream = _stream_from_checkpoint(checkpoint[1], method, adapter, rank, targets, hparams, model, device)
+            else:
+                spec = AdapterSpec(kind=adapter or "lora", rank=rank or (4 if (adapter or "lora") == "lora" else 64),
+                                   targets=targets or "cross-kv")
+                settings = StreamSettings(method=method or "ewc-dc", adapter=spec, hparams=dict(hparams or {}),
+                                          dc=DCConfig(**(dc or {})))
+                stream = ConceptStream.new(model or "tiny", settings, device=_device(device))
+            if paths is not None:
+                from conceptstream.data import load_images
+
+                pil_images = load_images(paths, stream.resolution)
+            try:
+                report = stream.learn(pil_images or [], token, noun, steps=steps, seed=seed, progress=progress,
+                                      checkpoint_every=checkpoint_every,
+                                      on_checkpoint=store.save_checkpoint if checkpoint_every else None,
+                                      resume=checkpoint)
+            except TrainingDiverged:
+                store.clear_checkpoint()  # resuming would diverge again at the same step
+                raise
+            store.commit(stream.manifest, stream.state_tensors())
+    finally:
+        if created:
+            _remove_if_unused(store.path)
     return report
+
+
+def _resume_task(info: dict[str, Any], token, noun, steps, seed) -> tuple[str, str, int, int]:
+    """The interrupted task's token/noun/steps/seed; given values must match them."""
+    for flag, given, key in (("--token", token, "token"), ("--noun", noun, "noun"), ("--steps", steps, "steps"),
+                             ("--seed", seed, "seed")):
+        saved = info.get(key)
+        if given is not None and (given.strip() if isinstance(given, str) else given) != saved:
+            raise UserInputError(f"the interrupted task has {key} {saved!r} but {flag} is {given!r}; resume with the "
+                                 f"same {flag} (or leave it out), or start over with --discard-checkpoint")
+    if not (isinstance(info.get("token"), str) and isinstance(info.get("noun"), str)
+            and isinstance(info.get("steps"), int) and isinstance(info.get("seed"), int)):
+        raise StateError("the checkpoint is damaged (token/noun/steps/seed missing); start over with "
+                         "--discard-checkpoint")
+    return info["token"], info["noun"], info["steps"], info["seed"]
+
+
+def _stream_from_checkpoint(info: dict[str, Any], method, adapter, rank, targets, hparams, model,
+                            device) -> ConceptStream:
+    """Rebuild the stream of an interrupted *first* task with the settings it was started with."""
+    try:
+        m, base = info["stream"]["method"], info["stream"]["base_model"]
+        spec = AdapterSpec.from_dict(m["adapter"]) if m.get("adapter") else AdapterSpec()
+        settings = StreamSettings(method=m["name"], adapter=spec, hparams=dict(m["hyperparameters"]),
+                                  dc=DCConfig(**m.get("dc", {})))
+        fingerprint = base["fingerprint"]
+        reference = base["reference"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"the checkpoint is damaged ({type(exc).__name__}: {exc}); start over with "
+                         "--discard-checkpoint") from None
+    if method and method != settings.method:
+        raise UserInputError(f"the interrupted task uses method {settings.method!r}, not {method!r}; drop --method "
+                             "or start over with --discard-checkpoint")
+    for flag, value, key in (("--adapter", adapter, "kind"), ("--rank", rank, "rank"), ("--targets", targets, "targets")):
+        if value is not None and m.get("adapter") and value != m["adapter"].get(key):
+            raise UserInputError(f"the interrupted task uses {key} {m['adapter'].get(key)!r}; drop {flag} or start "
+                                 "over with --discard-checkpoint")
+    for key, value in (hparams or {}).items():
+        if settings.hparams.get(key) != value:
+            raise UserInputError(f"the interrupted task uses {key}={settings.hparams.get(key)!r}; drop --set {key} "
+                                 "or start over with --discard-checkpoint")
+    stream = ConceptStream.new(model or reference, settings, device=_device(device))
+    if stream.manifest["base_model"]["fingerprint"] != fingerprint:
+        raise StateError(f"the interrupted task was learning on base model {reference!r} (fingerprint {fingerprint}), "
+                         f"but {model!r} has fingerprint {stream.manifest['base_model']['fingerprint']}; pass "
+                         "--model with the original base model")
+    return stream
+
+
+def _remove_if_unused(path: Path) -> None:
+    """Remove a state folder this call created if nothing was committed or checkpointed in it."""
+    try:
+        if path.is_dir() and {p.name for p in path.iterdir()} <= {".lock"}:
+            (path / ".lock").unlink(missing_ok=True)
+            path.rmdir()
+    except OSError:
+        pass
 
 
 def _check_same_settings(stream: ConceptStream, method, adapter, rank, targets, hparams) -> None:
@@ -164,16 +293,28 @@ def info(state: str | Path) -> dict[str, Any]:
         "created_at": manifest.get("created_at"),
         "updated_at": manifest.get("updated_at"),
         "versions": manifest.get("versions", {}),
-        "has_checkpoint": store.load_checkpoint() is not None,
+        **_checkpoint_summary(store),
     }
+
+
+def _checkpoint_summary(store: StateStore) -> dict[str, Any]:
+    """``has_checkpoint`` and, when a task was interrupted, which one and how far it got."""
+    checkpoint = store.load_checkpoint()
+    if checkpoint is None:
+        return {"has_checkpoint": False, "checkpoint": None}
+    info = checkpoint[1]
+    return {"has_checkpoint": True,
+            "checkpoint": {k: info.get(k) for k in ("token", "noun", "step", "steps", "method")}}
 
 
 def format_info(data: dict[str, Any]) -> str:
     m = data["method"]
+    adapter = m.get("adapter")  # an object as the engine writes it; a plain string is valid too
+    on = (f" on {adapter.get('kind', '?')} rank {adapter.get('rank', '?')} ({adapter.get('targets', '?')})"
+          if isinstance(adapter, dict) else f" on {adapter}" if adapter else "")
     lines = [f"state      {data['state']} ({data['generation']}, {data['size_bytes'] / 1024:.1f} KiB)",
              f"base model {data['base_model']['reference']} (fingerprint {data['base_model']['fingerprint']})",
-             f"method     {m['name']}" + (f" on {m['adapter']['kind']} rank {m['adapter']['rank']} "
-                                          f"({m['adapter']['targets']})" if m.get("adapter") else ""),
+             f"method     {m['name']}{on}",
              f"settings   {json.dumps(m.get('hyperparameters', {}))}",
              f"growth     {m.get('state_growth', '')}",
              f"concepts   {len(data['concepts'])}"]
@@ -181,4 +322,8 @@ def format_info(data: dict[str, Any]) -> str:
         lines.append(f"  {c['task_index']:>3}  {c['token']:<28} {c['noun']:<16} {c.get('steps', '?')} steps  "
                      f"{c.get('created_at', '')}")
     lines.append("files      " + ", ".join(f"{k} ({v / 1024:.1f} KiB)" for k, v in data["files"].items()))
+    ck = data.get("checkpoint")
+    if ck:
+        lines.append(f"unfinished {ck.get('token')} ({ck.get('noun')}) interrupted at step {ck.get('step')}/"
+                     f"{ck.get('steps')}: continue with `conceptstream learn {data['state']} --images ... --resume`")
     return "\n".join(lines)

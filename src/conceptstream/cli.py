@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--batch-size", type=int, default=32)
     wt.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpoint + export) after this")
     wt.add_argument("--seed", type=int, default=0)
+    wt.add_argument("--init-from", default=None,
+                    help="seed an empty --workdir from an exported model folder (e.g. the bundled one) and continue")
 
     # generate --------------------------------------------------------------------------------
     g = sub.add_parser("generate", help="sample images from the base model or a learned stream")
@@ -78,9 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--set", dest="hparams", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                     help="method setting, e.g. --set ewc_lambda=100 (first call only)")
     lp.add_argument("--model", default=None)
-    lp.add_argument("--steps", type=int, default=None)
-    lp.add_argument("--seed", type=int, default=0)
+    lp.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
+    lp.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
     lp.add_argument("--device", default=None)
+    lp.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                    help="save the task's progress into STATE every N steps (default 50; 0 = never) so that an "
+                         "interrupted task can be continued with --resume")
+    resume = lp.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue the interrupted task from its checkpoint (same --images; token, noun, steps "
+                             "and seed come from the checkpoint)")
+    resume.add_argument("--discard-checkpoint", action="store_true",
+                        help="drop the interrupted task's checkpoint and learn from scratch")
 
     ip = sub.add_parser("info", help="what a state holds")
     ip.add_argument("state")
@@ -90,10 +101,49 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("state")
     ep.add_argument("out")
 
+    bp = sub.add_parser("bench", help="run the continual-personalization benchmark (methods x seeds) and write "
+                        "results.json + report.md; reruns resume")
+    bp.add_argument("--sequence", default="tabletop-6", help="named sequence (tabletop-3/6/10/50) or a sequence folder")
+    bp.add_argument("--methods", default=None, help="comma-separated methods (default: lora, lora-ewc, c-lora, "
+                    "ewc-dc, dsc, dsc-ewc-dc, custom-diffusion, textual-inversion)")
+    bp.add_argument("--adapter", default="lora", choices=["lora", "vera"])
+    bp.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
+    bp.add_argument("--out", required=True, help="output folder (data, runs, results.json, report.md)")
+    bp.add_argument("--steps", type=int, default=None, help="training steps per task")
+    bp.add_argument("--quick", action="store_true", help="CI-sized: 2 concepts, few steps, 2 images, 1 seed")
+    bp.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="run each value of a method setting as its own variant (repeatable: a grid)")
+    bp.add_argument("--set", dest="bench_hparams", action="append", default=[], metavar="KEY=VALUE",
+                    help="fixed method setting for every method that has it, e.g. --set dsc_iters=50")
+    bp.add_argument("--features", default="efficientnet-lite0", help="efficientnet-lite0 | clip:PATH | dino:PATH")
+    bp.add_argument("--model", default=None, help="'tiny' (bundled) or a diffusers Stable Diffusion folder")
+    bp.add_argument("--device", default=None)
+    bp.add_argument("--rank", type=int, default=None)
+    bp.add_argument("--targets", default=None, choices=["cross-kv", "attention"])
+    bp.add_argument("--images-per-prompt", type=int, default=None, help="default 4 (3 prompts per concept)")
+    bp.add_argument("--ddim-steps", type=int, default=None, help="sampler steps (default 30)")
+    bp.add_argument("--guidance", type=float, default=5.0)
+    bp.add_argument("--max-concepts", type=int, default=None, help="use only the first N concepts")
+    bp.add_argument("--stop-on-error", action="store_true", help="stop at the first failing run")
+
     dp = sub.add_parser("demo", help="learn a 3-concept tabletop stream with ewc-dc and write grids + a report")
     dp.add_argument("--out", default="out/demo")
     dp.add_argument("--steps", type=int, default=None)
     dp.add_argument("--method", default="ewc-dc")
+
+    sp = sub.add_parser("bench-speed", help="time, memory and state size of every method as ratios (vs lora, vs the "
+                        "raw UNet, vs the bare base pipeline), measured in one run on this machine")
+    sp.add_argument("--quick", action="store_true", help="tiny settings, about a minute (CI smoke test)")
+    sp.add_argument("--json", action="store_true", help="print the results as JSON instead of a Markdown table")
+    sp.add_argument("--out", default="benchmarks/results", help="folder for speed-<machine>.json")
+    sp.add_argument("--methods", default=None, help="comma-separated methods (default: all; lora is always added)")
+    sp.add_argument("--adapter", default="lora", choices=["lora", "vera"])
+    sp.add_argument("--model", default=None, help="'tiny' (bundled) or a diffusers Stable Diffusion folder")
+    sp.add_argument("--device", default=None)
+    sp.add_argument("--steps", type=int, default=None, help="training steps per timed task (default 200; 2 with --quick)")
+    sp.add_argument("--trials", type=int, default=None, help="interleaved timing trials (default 7; 3 with --quick)")
+    sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    sp.add_argument("--machine", default=None, help="label in the file name (default: from the CPU/GPU model)")
     return p
 
 
@@ -109,11 +159,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {len(images)} image(s) to {paths[0] if len(paths) == 1 else Path(args.out)}")
         return 0
     if args.command == "learn":
-        from conceptstream.engine import DEFAULT_STEPS
+        from conceptstream.engine import DEFAULT_CHECKPOINT_EVERY
 
+        every = DEFAULT_CHECKPOINT_EVERY if args.checkpoint_every is None else args.checkpoint_every
         report = api.learn(args.state, args.images, token=args.token, noun=args.noun, method=args.method,
-                           model=args.model, steps=args.steps or DEFAULT_STEPS, seed=args.seed, adapter=args.adapter,
-                           rank=args.rank, targets=args.targets, hparams=dict(args.hparams), device=args.device)
+                           model=args.model, steps=args.steps, seed=args.seed, adapter=args.adapter,
+                           rank=args.rank, targets=args.targets, hparams=dict(args.hparams), device=args.device,
+                           checkpoint_every=every, resume=args.resume, discard_checkpoint=args.discard_checkpoint)
         print(f"learned {report.token} ({report.noun}) as task {report.task_index} in {report.seconds:.0f}s; "
               f"final loss {report.final_loss:.4f}; state saved to {args.state}")
         return 0
@@ -129,11 +181,31 @@ def run(args: argparse.Namespace) -> int:
         for w in written:
             print(f"  {w}")
         return 0
+    if args.command == "bench":
+        from conceptstream.evaluation.bench import format_summary, run_bench
+
+        results = run_bench(args.out, sequence=args.sequence, methods=args.methods, adapter=args.adapter,
+                            seeds=args.seeds, steps=args.steps, quick=args.quick, sweep=args.sweep,
+                            hparams=args.bench_hparams,
+                            features=args.features, model=args.model, device=args.device, rank=args.rank,
+                            targets=args.targets, images_per_prompt=args.images_per_prompt,
+                            ddim_steps=args.ddim_steps, guidance=args.guidance, max_concepts=args.max_concepts,
+                            keep_going=not args.stop_on_error)
+        print(format_summary(results))
+        return 1 if results["failed"] else 0
     if args.command == "demo":
         from conceptstream.demo import run_demo
 
         report = run_demo(args.out, steps=args.steps, method=args.method)
         print(f"demo finished: report at {report}")
+        return 0
+    if args.command == "bench-speed":
+        from conceptstream.evaluation.speed import format_table, run_speed
+
+        results = run_speed(args.out, quick=args.quick, methods=args.methods, adapter=args.adapter, model=args.model,
+                            device=args.device, steps=args.steps, trials=args.trials, threads=args.threads,
+                            machine=args.machine)
+        print(json.dumps(results, indent=2) if args.json else format_table(results))
         return 0
     raise AssertionError(args.command)
 
@@ -181,27 +253,80 @@ def _world(args: argparse.Namespace) -> int:
         cfg = BaseTrainingConfig(workdir=args.workdir, out=args.out or str(bundled_model()),
                                  images_per_class=args.images_per_class, vae_steps=args.vae_steps,
                                  unet_steps=args.unet_steps, batch_size=args.batch_size, max_minutes=args.max_minutes,
-                                 seed=args.seed)
+                                 seed=args.seed, init_from=args.init_from)
         out = BaseTrainer(cfg).run()
         print(f"exported model to {out}" if out else f"stopped early; resume with the same command ({args.workdir})")
         return 0
     raise AssertionError(args.world_command)
 
 
+def _interrupted_message(args: argparse.Namespace, generation_before: str | None) -> str:
+    """One line for Ctrl-C / SIGTERM: what happened to the state and how to continue."""
+    if args.command != "learn":
+        return "conceptstream: interrupted"
+    from conceptstream.state import StateStore
+
+    try:
+        store = StateStore(args.state)
+        if _generation(args.state) != generation_before:
+            return f"conceptstream: interrupted after the task was saved to {args.state}"
+        checkpoint = store.load_checkpoint()
+    except Exception:  # the message itself must never fail
+        checkpoint = None
+    text = "conceptstream: interrupted; the saved state is unchanged"
+    if checkpoint is not None:
+        info = checkpoint[1]
+        text += (f"; progress of {info.get('token')} is checkpointed at step {info.get('step')}/{info.get('steps')}: "
+                 f"continue with `conceptstream learn {args.state} --images {args.images} --resume`")
+    return text
+
+
+def _generation(state: str) -> str | None:
+    try:
+        return (Path(state) / "CURRENT").read_text().strip()
+    except OSError:
+        return None
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: clean exit, state unchanged
+    raise KeyboardInterrupt
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"conceptstream: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import warnings
+
     from conceptstream.errors import ConceptstreamError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    generation_before = _generation(args.state) if args.command == "learn" else None
     try:
-        return run(args)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread (embedded use): keep the default
+        previous = None
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return run(args)
     except ConceptstreamError as exc:
         print(f"conceptstream: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("conceptstream: interrupted; saved state is unchanged", file=sys.stderr)
+        print(_interrupted_message(args, generation_before), file=sys.stderr)
         return 130
+    except OSError as exc:  # a file the user named cannot be read or written
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"conceptstream: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

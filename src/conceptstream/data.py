@@ -1,12 +1,16 @@
 """Reading a user's concept images safely: any common mode converted to RGB, bad files named.
 
-Non-image files in a folder are skipped with a warning (documented behaviour); an image that
-cannot be decoded is an error naming the file, since silently training on fewer photos than the
-user gave would be worse.
+Non-image files in a folder (any suffix not in ``IMAGE_SUFFIXES``) are skipped with a warning
+(documented behaviour; hidden files and subfolders are ignored); a file with an image suffix that cannot be decoded
+(truncated, corrupt, not really an image) is an error naming the file, since silently training on
+fewer photos than the user gave would be worse. Every readable image is converted to 8-bit RGB:
+grayscale, palette, alpha (composited on white), 16-bit and float images, CMYK/LAB/HSV and EXIF
+rotations; images larger than ``MAX_PIXELS`` are refused as possible decompression bombs.
 """
 
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 
@@ -21,16 +25,30 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB: alpha composited on white, 16-bit scaled, palettes expanded."""
+    """Convert any PIL mode to RGB: alpha composited on white, 16-bit scaled, palettes expanded.
+
+    Raises :class:`UserInputError` (never another exception) for an image that cannot be converted.
+    """
+    try:
+        return _to_rgb(img)
+    except (ValueError, OSError, SyntaxError, TypeError, KeyError, IndexError, struct.error) as exc:
+        raise UserInputError(f"cannot convert a {img.mode} image to RGB ({type(exc).__name__}: {exc})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.width < 1 or img.height < 1:
+        raise ValueError(f"the image is empty ({img.width}x{img.height} pixels)")
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if arr.max() > 255 else 255.0
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.float64)
+        hi = 65535.0 if arr.size and arr.max() > 255 else 255.0
         img = Image.fromarray((arr / hi * 255).clip(0, 255).astype(np.uint8), "L")
     elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(arr.min()), float(arr.max())
-        img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), "L")
+        img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).clip(0, 255).astype(np.uint8), "L")
+    elif img.mode == "La":  # premultiplied alpha: Pillow converts it only to LA
+        img = img.convert("LA")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -42,15 +60,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: Path, size: int | None = None) -> Image.Image:
     """Open one image as RGB (optionally resized: shorter side to ``size``, centre crop)."""
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise UserInputError(f"image size must be a positive integer, got {size!r}")
     try:
-        with Image.open(path) as im:
-            if size is not None:
-                im.draft("RGB", (size * 2, size * 2))  # fast JPEG downscale for very large photos
-            im.load()
-            img = to_rgb(im)
-    except Image.DecompressionBombError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise Image.DecompressionBombError(f"{im.width}x{im.height}")
+                if size is not None:
+                    im.draft("RGB", (size * 2, size * 2))  # fast JPEG downscale for very large photos
+                im.load()
+                img = _to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserInputError(f"{path} is too large ({MAX_PIXELS} pixels at most); downscale it") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except FileNotFoundError:
+        raise UserInputError(f"{path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, EOFError,
+            struct.error, ZeroDivisionError, MemoryError) as exc:
         raise UserInputError(f"{path} is not a readable image ({type(exc).__name__}: {exc}); "
                              "remove or replace it") from None
     if size is not None:

@@ -394,14 +394,65 @@ class ConceptStream:
 
     @torch.no_grad()
     def generate(self, prompt: str | list[str], n: int = 4, seed: int = 0, steps: int = 30,
-                 guidance: float = 5.0, progress: bool = True) -> list[Image.Image]:
-        """Sample ``n`` images per prompt; image i uses ``torch.Generator().manual_seed(seed + i)``."""
+                 guidance: float = 5.0, progress: bool = True, fuse: bool = True) -> list[Image.Image]:
+        """Sample ``n`` images per prompt; image i uses ``torch.Generator().manual_seed(seed + i)``.
+
+        With ``fuse`` (default) the adapter is merged into the base weights while sampling, so a
+        step costs what a step of the bare base model costs; the original base weights are put back
+        unchanged afterwards (see :func:`fused_adapters`). ``fuse=False`` runs the adapter branch
+        as in training; the images differ only by float rounding.
+        """
+        import contextlib
+
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         for p in prompts:
             self.check_prompt(p)
         self.pipe.set_progress_bar_config(disable=not progress)
         images = []
-        for p in prompts:
-            gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-            images += self.pipe([p] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+        with fused_adapters(self.pipe.unet) if fuse else contextlib.nullcontext():
+            for p in prompts:
+                gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+                images += self.pipe([p] * n, num_inference_steps=steps, guidance_scale=guidance,
+                                    generator=gens).images
         return images
+
+
+def fused_adapters(module: torch.nn.Module):
+    """Context manager: every peft adapter layer (LoRA, VeRA) of ``module`` merged into its base layer.
+
+    peft's ``merge()`` adds the adapter's dense delta to the base weight and switches the layer to
+    the plain base forward. The merge runs on a copy of each base parameter; on exit the layers are
+    unmerged and the original parameter tensors are put back, so base weights are bitwise what they
+    were and the adapter parameters are never touched (training after sampling is unaffected).
+    Costs one copy of each adapted base weight while active.
+    """
+    import contextlib
+    import warnings
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    @contextlib.contextmanager
+    def fused():
+        layers = [m for m in module.modules()
+                  if isinstance(m, BaseTunerLayer) and not m.merged and not m.disable_adapters]
+        saved: list[tuple[Any, torch.nn.Module, dict[str, torch.Tensor]]] = []
+        try:
+            with torch.no_grad():
+                for layer in layers:
+                    base = layer.get_base_layer()
+                    params = dict(base.named_parameters(recurse=False))
+                    saved.append((layer, base, {name: p.data for name, p in params.items()}))
+                    for p in params.values():
+                        p.data = p.data.clone()
+                    layer.merge()
+            yield module
+        finally:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for layer, base, originals in reversed(saved):
+                    if layer.merged:
+                        layer.unmerge()  # clears peft's merged flag (the arithmetic hits the copy)
+                    for name, p in base.named_parameters(recurse=False):
+                        p.data = originals[name]
+
+    return fused()
