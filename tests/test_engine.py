@@ -488,3 +488,18 @@ def test_learn_errors_on_an_existing_state_leave_it_unchanged(tmp_path, random_m
         assert rc == 2, extra
         assert needle in assert_one_line_error(capsys.readouterr().err), extra
     _assert_same_snapshot(before, _snapshot(state))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_gradient_checkpointing_train(tmp_path, random_model_path, concept_dirs, precision):
+    """Autocast + gradient checkpointing run a task; trained values stay fp32 and finite."""
+    from conceptstream import api
+
+    state = tmp_path / "s"
+    api.learn(state, concept_dirs[0], model=str(random_model_path), method="lora", steps=2, progress=False,
+              checkpoint_every=0, mixed_precision=precision, gradient_checkpointing=True)
+    stream = api.open_stream(state)
+    values = stream.state_tensors()["adapter"]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in values.values())
+    assert stream.manifest["concepts"][0]["mixed_precision"] == precision
+    assert not stream.pipe.unet.is_gradient_checkpointing

@@ -77,7 +77,8 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
           steps: int | None = None, seed: int | None = None, adapter: str | None = None, rank: int | None = None,
           targets: str | None = None, hparams: dict[str, Any] | None = None, dc: dict[str, Any] | None = None,
           device: str | None = None, progress: bool = True, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-          resume: bool = False, discard_checkpoint: bool = False) -> TaskReport:
+          resume: bool = False, discard_checkpoint: bool = False, mixed_precision: str = "no",
+          gradient_checkpointing: bool = False) -> TaskReport:
     """Add one concept to the stream at ``state`` (created on the first call).
 
     Every ``checkpoint_every`` steps (0: never) the task's progress is saved in ``state/checkpoint/``
@@ -149,7 +150,8 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
                 report = stream.learn(pil_images or [], token, noun, steps=steps, seed=seed, progress=progress,
                                       checkpoint_every=checkpoint_every,
                                       on_checkpoint=store.save_checkpoint if checkpoint_every else None,
-                                      resume=checkpoint)
+                                      resume=checkpoint, mixed_precision=mixed_precision,
+                                      gradient_checkpointing=gradient_checkpointing)
             except TrainingDiverged:
                 store.clear_checkpoint()  # resuming would diverge again at the same step
                 raise

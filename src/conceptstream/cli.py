@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
     lp.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
     lp.add_argument("--device", default=None)
+    lp.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                    help="autocast training forward passes (GPU: bf16/fp16; trained values stay fp32)")
+    lp.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations to save memory")
     lp.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                     help="save the task's progress into STATE every N steps (default 50; 0 = never) so that an "
                          "interrupted task can be continued with --resume")
@@ -165,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
         report = api.learn(args.state, args.images, token=args.token, noun=args.noun, method=args.method,
                            model=args.model, steps=args.steps, seed=args.seed, adapter=args.adapter,
                            rank=args.rank, targets=args.targets, hparams=dict(args.hparams), device=args.device,
-                           checkpoint_every=every, resume=args.resume, discard_checkpoint=args.discard_checkpoint)
+                           checkpoint_every=every, resume=args.resume, discard_checkpoint=args.discard_checkpoint,
+                           mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing)
         print(f"learned {report.token} ({report.noun}) as task {report.task_index} in {report.seconds:.0f}s; "
               f"final loss {report.final_loss:.4f}; state saved to {args.state}")
         return 0

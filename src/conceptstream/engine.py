@@ -205,13 +205,17 @@ class ConceptStream:
 
     def learn(self, images: list[Image.Image], token: str, noun: str, steps: int = DEFAULT_STEPS, seed: int = 0,
               progress: bool = True, on_step=None, checkpoint_every: int = 0, on_checkpoint=None,
-              resume: tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None = None) -> TaskReport:
+              resume: tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None = None,
+              mixed_precision: str = "no", gradient_checkpointing: bool = False) -> TaskReport:
         """Learn one concept in memory (the caller commits). Raises before touching the model on bad input.
 
         Every ``checkpoint_every`` steps ``on_checkpoint(tensors, info)`` receives an in-task checkpoint
         (:meth:`_task_checkpoint`): the trained values, the optimizer state, the RNG states and the task's
         token/noun/seed/steps, never an image, a latent or an image feature (resuming re-reads the images).
         ``resume=(tensors, info)`` continues from such a checkpoint; the result equals an uninterrupted run.
+        ``mixed_precision`` ("no", "bf16", "fp16") autocasts the training-step forward passes (trained
+        values stay fp32; fp16 uses a gradient scaler); ``gradient_checkpointing`` trades UNet
+        activation memory for recomputation. Fisher estimation and consolidation run in full precision.
         """
         import time
 
@@ -227,6 +231,8 @@ class ConceptStream:
             raise UserInputError("the class noun is empty; give one, e.g. --noun 'teddy bear'")
         if steps < 1:
             raise UserInputError(f"--steps must be >= 1, got {steps}")
+        if mixed_precision not in ("no", "bf16", "fp16"):
+            raise UserInputError(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
         if checkpoint_every < 0:
             raise UserInputError(f"--checkpoint-every must be >= 0 (0 = no checkpoints), got {checkpoint_every}")
         if resume is not None:
@@ -258,16 +264,25 @@ class ConceptStream:
                 start = self._restore_checkpoint(resume, params, opt, ctx.generator)
                 loss_value = float(resume[1].get("loss", math.nan))
             pipe.unet.train()
+            if gradient_checkpointing:
+                pipe.unet.enable_gradient_checkpointing()
+            autocast, scaler = self._precision(mixed_precision)
             logs: list[dict] = []
             bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"learn {token}", disable=not progress)
             for step in bar:
-                loss, info = method.loss(ctx, step)
+                with autocast():
+                    loss, info = method.loss(ctx, step)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise self._diverged(f"the loss became {loss_value} at step {step} of {token}")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:  # fp16: scaled backward; steps with inf gradients are skipped by the scaler
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
                 info = {"step": step, "loss": loss_value, **info}
                 logs.append(info)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -286,13 +301,25 @@ class ConceptStream:
         finally:
             if wrapper is not None:
                 pipe.text_encoder.set_input_embeddings(wrapper.write_back())
+            if gradient_checkpointing:
+                pipe.unet.disable_gradient_checkpointing()
             pipe.unet.eval()
         logs.extend(ctx.logs)
         self.manifest["concepts"].append({"token": token, "noun": noun, "task_index": len(self.tokens),
                                           "created_at": _now(), "steps": steps, "seed": seed,
-                                          "images": len(images)})
+                                          "images": len(images), "mixed_precision": mixed_precision})
         self._sync_manifest()
         return TaskReport(token, noun, len(self.tokens) - 1, steps, time.time() - t0, loss_value, logs)
+
+    def _precision(self, mixed_precision: str):
+        """(autocast context factory, gradient scaler or None) for a training step."""
+        import contextlib
+
+        if mixed_precision == "no":
+            return contextlib.nullcontext, None
+        dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        scaler = torch.amp.GradScaler(self.device.type) if mixed_precision == "fp16" else None
+        return (lambda: torch.autocast(self.device.type, dtype=dtype)), scaler
 
     # -- in-task checkpoints -------------------------------------------------------------------
     @staticmethod
