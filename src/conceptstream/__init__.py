@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "bundled_model", "learn", "generate", "info", "export", "open_stream"]
+__all__ = ["__version__", "bundled_model", "learn", "generate", "info", "export", "open_stream", "bench"]
 
 
 def bundled_model():
@@ -20,7 +20,7 @@ def bundled_model():
 
 def __getattr__(name: str):
     # Lazy: `import conceptstream` stays fast and torch-free until a verb is used.
-    if name in ("learn", "generate", "info", "open_stream"):
+    if name in ("learn", "generate", "info", "open_stream", "bench"):
         from conceptstream import api
 
         return getattr(api, name)

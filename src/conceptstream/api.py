@@ -329,3 +329,10 @@ def format_info(data: dict[str, Any]) -> str:
         lines.append(f"unfinished {ck.get('token')} ({ck.get('noun')}) interrupted at step {ck.get('step')}/"
                      f"{ck.get('steps')}: continue with `conceptstream learn {data['state']} --images ... --resume`")
     return "\n".join(lines)
+
+
+def bench(*args: Any, **kwargs: Any):
+    """Run the continual-personalization benchmark (see :func:`conceptstream.evaluation.bench.run_bench`)."""
+    from conceptstream.evaluation.bench import run_bench
+
+    return run_bench(*args, **kwargs)

@@ -7,7 +7,6 @@ Weights are loaded from safetensors only (``use_safetensors=True``), never from 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -52,10 +51,9 @@ def check_pipeline_folder(path: Path) -> None:
     if not index.is_file():
         raise UserInputError(f"{path} is not a Stable Diffusion pipeline folder (no model_index.json); "
                              "save one with StableDiffusionPipeline.save_pretrained or pass 'tiny'")
-    try:
-        meta = json.loads(index.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{index} is not valid JSON ({exc})") from None
+    from conceptstream.world.folders import read_user_json
+
+    meta = read_user_json(index)
     missing = [c for c in REQUIRED_COMPONENTS if c not in meta]
     if missing:
         raise UserInputError(f"{path} is not a Stable Diffusion pipeline: model_index.json lacks {', '.join(missing)}")

@@ -51,6 +51,14 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def read_user_json(path: Path, hint: str = ""):
+    """Parse a JSON file the user provides; invalid JSON is a one-line UserInputError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{path} is not valid JSON ({exc}){hint}") from None
+
+
 def validate_token(token: str) -> str:
     """Modifier tokens look like ``<my-dog>``: angle brackets, no spaces."""
     if not isinstance(token, str) or not TOKEN_RE.match(token):
@@ -77,10 +85,7 @@ def read_concept(folder: str | Path) -> ConceptFolder:
     if not meta_path.is_file():
         raise UserInputError(f"{folder} is not a concept folder: it has no concept.json (expected "
                              '{"token": "<name>", "noun": "class noun"} beside a train/ folder)')
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"{meta_path} is not valid JSON ({exc}); fix or rewrite it") from None
+    meta = read_user_json(meta_path, "; fix or rewrite it")
     if not isinstance(meta, dict) or not isinstance(meta.get("token"), str) or not isinstance(meta.get("noun"), str):
         raise UserInputError(f'{meta_path} must be an object with string fields "token" and "noun"')
     token = validate_token(meta["token"])
@@ -106,10 +111,7 @@ def read_sequence(root: str | Path) -> list[ConceptFolder]:
     if not seq_path.is_file():
         raise UserInputError(f"{root} is not a sequence folder: it has no sequence.json "
                              '(expected {"concepts": ["name1", ...]})')
-    try:
-        data = json.loads(seq_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"{seq_path} is not valid JSON ({exc})") from None
+    data = read_user_json(seq_path)
     names = data.get("concepts") if isinstance(data, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise UserInputError(f'{seq_path} must hold {{"concepts": [...]}} with at least one concept name')
