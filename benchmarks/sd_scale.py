@@ -17,11 +17,7 @@ Step times come from timestamps taken in ``on_step`` of :meth:`ConceptStream.lea
 api does not expose: the script wraps ``ConceptStream.learn`` for the duration of the run to
 add that callback (measurement only; the training loop is unchanged).
 
-Mixed precision and gradient checkpointing: ``api.learn`` has no such options yet. When it gains
-``mixed_precision=`` / ``gradient_checkpointing=`` keywords they are passed through. Until then
-``--gradient-checkpointing`` is applied with diffusers' public model switch
-(``unet.enable_gradient_checkpointing()``, non-reentrant, so adapter gradients are kept) and
-``--mixed-precision`` other than ``no`` is NOT applied (recorded as such; the run is fp32).
+``--mixed-precision`` and ``--gradient-checkpointing`` are passed to ``api.learn`` unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +26,6 @@ import argparse
 import atexit
 import contextlib
 import gc
-import inspect
 import json
 import shutil
 import statistics
@@ -109,16 +104,13 @@ def _sync(device: str) -> None:
 
 
 @contextlib.contextmanager
-def instrumented_learn(clock: dict[str, Any], device: str, gradient_checkpointing: bool):
-    """Wrap ConceptStream.learn to time every step (via its on_step) and optionally switch on
-    the UNet's gradient checkpointing; the learn loop itself is unchanged."""
+def instrumented_learn(clock: dict[str, Any], device: str):
+    """Wrap ConceptStream.learn to time every step (via its on_step); the learn loop is unchanged."""
     from conceptstream.engine import ConceptStream
 
     original = ConceptStream.learn
 
     def learn(self, *args, **kwargs):
-        if gradient_checkpointing:
-            self.pipe.unet.enable_gradient_checkpointing()
         user = kwargs.pop("on_step", None)
         clock["stamps"] = []
 
@@ -134,21 +126,12 @@ def instrumented_learn(clock: dict[str, Any], device: str, gradient_checkpointin
         finally:
             _sync(device)
             clock["end"] = time.perf_counter()
-            if gradient_checkpointing:
-                self.pipe.unet.disable_gradient_checkpointing()
 
     ConceptStream.learn = learn
     try:
         yield
     finally:
         ConceptStream.learn = original
-
-
-def engine_hooks() -> dict[str, bool]:
-    from conceptstream import api
-
-    params = inspect.signature(api.learn).parameters
-    return {"mixed_precision": "mixed_precision" in params, "gradient_checkpointing": "gradient_checkpointing" in params}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -172,17 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     small = args.cpu_small
     model_dir = Path(args.model_dir or Path(tempfile.gettempdir()) / f"conceptstream-sd15-random{'-small' if small else ''}")
     build_model(model_dir, small, device=device)
-    hooks = engine_hooks()
-    extra: dict[str, Any] = {}
-    applied_mp = "no"
-    if hooks["mixed_precision"]:
-        extra["mixed_precision"], applied_mp = args.mixed_precision, args.mixed_precision
-    elif args.mixed_precision != "no":
-        print(f"note: --mixed-precision {args.mixed_precision} is NOT applied: api.learn has no mixed-precision hook "
-              "yet; this run is fp32", file=sys.stderr)
-    if hooks["gradient_checkpointing"]:
-        extra["gradient_checkpointing"] = args.gradient_checkpointing
-    wrap_gc = args.gradient_checkpointing and not hooks["gradient_checkpointing"]
+    extra: dict[str, Any] = {"mixed_precision": args.mixed_precision,
+                             "gradient_checkpointing": args.gradient_checkpointing}
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else method_names()
     cuda = device.startswith("cuda")
     rows = []
@@ -204,7 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             clock: dict[str, Any] = {}
             t0 = time.perf_counter()
             try:
-                with instrumented_learn(clock, device, wrap_gc):
+                with instrumented_learn(clock, device):
                     report = api.learn(state, synthetic_images(args.images, seed=100 + task), token=f"<sd-{task}>",
                                        noun=NOUNS[task % len(NOUNS)], method=method, model=str(model_dir),
                                        steps=args.steps, seed=task, adapter="lora" if method == "c-lora" else args.adapter,
@@ -237,15 +211,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "configs": component_configs(small), "device": device, "batch_size": args.batch,
                      "steps": args.steps, "tasks": args.tasks, "images": args.images, "adapter": args.adapter,
                      "dsc_iters": args.dsc_iters, "fisher_passes": args.fisher_passes,
-                     "mixed_precision": {"requested": args.mixed_precision, "applied": applied_mp},
-                     "gradient_checkpointing": {"requested": args.gradient_checkpointing,
-                                                "via": "api" if hooks["gradient_checkpointing"]
-                                                else ("unet.enable_gradient_checkpointing" if wrap_gc else None)},
-                     "engine_hooks": hooks},
+                     "mixed_precision": args.mixed_precision,
+                     "gradient_checkpointing": args.gradient_checkpointing},
         "rows": rows,
     }
     name = machine_name(info) + ("-small" if small else "")
-    out = Path(args.out or f"benchmarks/results/sd-scale-{name}-b{args.batch}-{applied_mp}"
+    out = Path(args.out or f"benchmarks/results/sd-scale-{name}-b{args.batch}-{args.mixed_precision}"
                f"{'-gc' if args.gradient_checkpointing else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
