@@ -362,7 +362,9 @@ class BaseTrainer:
                      f"({q['settings']['per_class']} samples per class, {q['settings']['steps']} DDIM steps, guidance "
                      f"{q['settings']['guidance']}; EfficientNet-Lite0 features vs {q['settings']['real_per_class']} "
                      f"held-out real renders per class).\n\nNearest real-class-centroid accuracy: "
-                     f"**{q['centroid_accuracy']:.3f}** (target 0.8).\n\n| class | centroid accuracy | KID x1e3 |\n"
+                     f"**{q['centroid_accuracy']:.3f}** (target 0.8; held-out real renders score "
+                     f"{q.get('real_renders_centroid_accuracy', float('nan')):.3f} with the same centroids).\n\n"
+                     f"| class | centroid accuracy | KID x1e3 |\n"
                      f"|---|---|---|\n{rows}\n")
         return f"""# conceptstream tiny-sd (bundled base model)
 
