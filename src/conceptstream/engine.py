@@ -92,7 +92,8 @@ class ConceptStream:
         if self.method.uses_adapter:
             attach_adapter(self.pipe.unet, settings.adapter)
             self._adapter_attached = True
-        self.pipe.unet.requires_grad_(False) if not self.method.uses_adapter else None
+        if not self.method.uses_adapter:  # attach_adapter already froze the base for adapter methods
+            self.pipe.unet.requires_grad_(False)
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.vae.requires_grad_(False)
         self.dc = DiffusionClassifier(self.pipe.unet, self.pipe.scheduler, settings.dc)
