@@ -123,6 +123,19 @@ def test_dc_identical_candidates_share_noise_and_scores(base_pipe):
         torch.testing.assert_close(dc_sum.errors(z, cond, t, noise), err * z[0].numel(), rtol=1e-5, atol=1e-5)
 
 
+def test_dc_temperature_is_one_setting_reachable_by_set_and_sweep(random_model_path):
+    """--set/--sweep dc_temperature drives the DC scores; without it the DC config's value is recorded."""
+    stream = _new_stream(random_model_path, "ewc-dc", dc_temperature=0.02)
+    assert stream.dc.config.temperature == 0.02 == stream.manifest["method"]["dc"]["temperature"]
+    assert stream.manifest["method"]["hyperparameters"]["dc_temperature"] == 0.02
+    plain = ConceptStream.new(str(random_model_path), StreamSettings(method="dsc", dc=DCConfig(temperature=0.03)))
+    assert plain.dc.config.temperature == 0.03 == plain.method.hparams["dc_temperature"]
+    with pytest.raises(UserInputError, match="dc_temperature must be a number > 0"):
+        _new_stream(random_model_path, "ewc-dc", dc_temperature=0)
+    with pytest.raises(UserInputError, match="no setting"):
+        _new_stream(random_model_path, "lora", dc_temperature=0.02)  # lora has no DC scores
+
+
 def test_dc_gradients_reach_only_adapter_and_current_token(random_model_path, concept_dirs):
     stream = _new_stream(random_model_path, "lora")
     _learn(stream, concept_dirs[0], steps=2)

@@ -21,7 +21,7 @@ def _positive(x) -> bool:
 def test_bench_speed_quick_writes_json(random_model_path, tmp_path):
     out = tmp_path / "results"
     proc = run_cli("bench-speed", "--quick", "--methods", "lora,dsc-ewc-dc", "--model", str(random_model_path),
-                   "--out", str(out), "--machine", "ci", "--json", timeout=240)
+                   "--out", str(out), "--machine", "ci", "--json", "--timed-tasks", "3", timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = out / "speed-ci-quick.json"
     data = json.loads(path.read_text())
@@ -29,14 +29,16 @@ def test_bench_speed_quick_writes_json(random_model_path, tmp_path):
     assert data["format"] == "conceptstream-speed"
     for key in ("cpu_model", "cpu_usable", "torch_threads", "loadavg_start", "name"):
         assert key in data["machine"]
+    # CPU time of *other* processes, in cores: the bench's own workers are not counted
+    assert 0.0 <= data["machine"]["other_cpu_cores"] <= data["machine"]["cpu_usable"]
     assert {"torch", "diffusers", "transformers", "peft", "conceptstream"} <= set(data["versions"])
-    assert data["settings"]["quick"] and data["settings"]["steps"] >= 1
+    assert data["settings"]["quick"] and data["settings"]["steps"] >= 1 and data["settings"]["timed_tasks"] == 3
 
     training = data["training"]
     assert set(training) == {"lora", "dsc-ewc-dc"}
     assert training["lora"]["wall_ratio"] == pytest.approx(1.0)
     for entry in training.values():
-        assert len(entry["tasks"]) == data["settings"]["timed_tasks"]
+        assert len(entry["tasks"]) == 3
         for task in entry["tasks"]:
             assert _positive(task["wall_s"]) and _positive(task["peak_rss_mb"]) and task["state_bytes"] > 0
         for key in ("wall_ratio", "train_ratio", "peak_rss_ratio"):

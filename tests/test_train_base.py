@@ -10,7 +10,7 @@ from conceptstream.world.train_base import BaseTrainer, BaseTrainingConfig
 
 def _cfg(tmp_path, name, **kw):
     base = dict(workdir=str(tmp_path / f"{name}-work"), out=str(tmp_path / f"{name}-model"), images_per_class=2,
-                vae_steps=2, unet_steps=3, checkpoint_every=1, export_every=100, batch_size=2)
+                vae_steps=2, decoder_steps=2, unet_steps=3, checkpoint_every=1, export_every=100, batch_size=2)
     base.update(kw)
     return BaseTrainingConfig(**base)
 
@@ -25,7 +25,7 @@ def test_train_resume_export_and_seed(tmp_path):
     cfg.max_minutes = None
     out = BaseTrainer(cfg, progress=False).run()
     progress = json.loads((tmp_path / "a-work" / "progress.json").read_text())
-    assert (progress["vae_step"], progress["unet_step"]) == (2, 3)
+    assert (progress["vae_step"], progress["decoder_step"], progress["unet_step"]) == (2, 2, 3)
     info = json.loads((out / "training.json").read_text())
     assert info["unet_step"] == 3 and info["scaling_factor"] > 0
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
@@ -35,5 +35,22 @@ def test_train_resume_export_and_seed(tmp_path):
 
     seeded = BaseTrainer(_cfg(tmp_path, "b", unet_steps=5, init_from=str(out)), progress=False)
     assert seeded.state["unet_step"] == 3 and seeded.state["warm_start"] == 3
+    assert seeded.state["wall_seconds"] >= info["wall_seconds"]  # the seeded run keeps the wall time so far
     out_b = seeded.run()
     assert json.loads((out_b / "training.json").read_text())["unet_step"] == 5
+
+
+def test_decoder_stage_keeps_the_encoder_and_latents(tmp_path):
+    """Sharpening the decoder must not move the encoder: the UNet is trained on its latents."""
+    from conceptstream.safeio import load_tensors
+
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, "c", decoder_steps=0, unet_steps=1)
+    BaseTrainer(cfg, progress=False).run()
+    before = load_tensors(tmp_path / "c-work" / "vae.safetensors")
+    cfg.decoder_steps = 3
+    BaseTrainer(cfg, progress=False).run()
+    after = load_tensors(tmp_path / "c-work" / "vae.safetensors")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
+    assert json.loads((tmp_path / "c-work" / "progress.json").read_text())["decoder_step"] == 3

@@ -193,10 +193,11 @@ def _stream_from_checkpoint(info: dict[str, Any], method, adapter, rank, targets
     if method and method != settings.method:
         raise UserInputError(f"the interrupted task uses method {settings.method!r}, not {method!r}; drop --method "
                              "or start over with --discard-checkpoint")
-    for flag, value, key in (("--adapter", adapter, "kind"), ("--rank", rank, "rank"), ("--targets", targets, "targets")):
-        if value is not None and m.get("adapter") and value != m["adapter"].get(key):
-            raise UserInputError(f"the interrupted task uses {key} {m['adapter'].get(key)!r}; drop {flag} or start "
-                                 "over with --discard-checkpoint")
+    clash = _adapter_clash(m.get("adapter") or {}, adapter, rank, targets)
+    if clash:
+        flag, key, stored = clash
+        raise UserInputError(f"the interrupted task uses {key} {stored!r}; drop {flag} or start over with "
+                             "--discard-checkpoint")
     for key, value in (hparams or {}).items():
         if settings.hparams.get(key) != value:
             raise UserInputError(f"the interrupted task uses {key}={settings.hparams.get(key)!r}; drop --set {key} "
@@ -219,15 +220,23 @@ def _remove_if_unused(path: Path) -> None:
         pass
 
 
+def _adapter_clash(spec: dict, adapter, rank, targets) -> tuple[str, str, Any] | None:
+    """The first adapter option the user passed that differs from the stored adapter spec, if any."""
+    for flag, value, key in (("--adapter", adapter, "kind"), ("--rank", rank, "rank"), ("--targets", targets, "targets")):
+        if value is not None and spec and value != spec.get(key):
+            return flag, key, spec.get(key)
+    return None
+
+
 def _check_same_settings(stream: ConceptStream, method, adapter, rank, targets, hparams) -> None:
     m = stream.manifest["method"]
     if method and method != m["name"]:
         raise StateError(f"this state uses method {m['name']!r}; a stream keeps one method (drop --method "
                          f"or start a new state for {method!r})")
-    spec = m.get("adapter") or {}
-    for flag, value, key in (("--adapter", adapter, "kind"), ("--rank", rank, "rank"), ("--targets", targets, "targets")):
-        if value is not None and spec and value != spec.get(key):
-            raise StateError(f"this state uses {key} {spec.get(key)!r}; {flag} cannot change within a stream")
+    clash = _adapter_clash(m.get("adapter") or {}, adapter, rank, targets)
+    if clash:
+        flag, key, stored = clash
+        raise StateError(f"this state uses {key} {stored!r}; {flag} cannot change within a stream")
     if hparams:
         raise StateError("method settings are fixed when a stream is created; drop --set for later tasks")
 

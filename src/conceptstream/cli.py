@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--out", default=None, help="pipeline folder to write (default: the bundled model's folder)")
     wt.add_argument("--images-per-class", type=int, default=1500)
     wt.add_argument("--vae-steps", type=int, default=1500)
+    wt.add_argument("--decoder-steps", type=int, default=0,
+                    help="adversarial decoder fine-tuning steps after the VAE (encoder frozen); off by default")
     wt.add_argument("--unet-steps", type=int, default=40000)
     wt.add_argument("--batch-size", type=int, default=32)
     wt.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpoint + export) after this")
@@ -145,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default=None)
     sp.add_argument("--steps", type=int, default=None, help="training steps per timed task (default 200; 2 with --quick)")
     sp.add_argument("--trials", type=int, default=None, help="interleaved timing trials (default 7; 3 with --quick)")
+    sp.add_argument("--timed-tasks", type=int, default=None,
+                    help="tasks learned and timed per method (default 2); ratios are read at the last one, so e.g. 6 "
+                         "times DC methods once their candidate set is full (k=5)")
     sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sp.add_argument("--machine", default=None, help="label in the file name (default: from the CPU/GPU model)")
     return p
@@ -208,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
 
         results = run_speed(args.out, quick=args.quick, methods=args.methods, adapter=args.adapter, model=args.model,
                             device=args.device, steps=args.steps, trials=args.trials, threads=args.threads,
-                            machine=args.machine)
+                            machine=args.machine, timed_tasks=args.timed_tasks)
         print(json.dumps(results, indent=2) if args.json else format_table(results))
         return 0
     raise AssertionError(args.command)
@@ -256,6 +261,7 @@ def _world(args: argparse.Namespace) -> int:
 
         cfg = BaseTrainingConfig(workdir=args.workdir, out=args.out or str(bundled_model()),
                                  images_per_class=args.images_per_class, vae_steps=args.vae_steps,
+                                 decoder_steps=args.decoder_steps,
                                  unet_steps=args.unet_steps, batch_size=args.batch_size, max_minutes=args.max_minutes,
                                  seed=args.seed, init_from=args.init_from)
         out = BaseTrainer(cfg).run()

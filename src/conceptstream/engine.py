@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,16 @@ def library_versions() -> dict[str, str]:
             "diffusers": diffusers.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
+def _positive_float(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number > 0:
+        raise UserInputError(f"{name} must be a number > 0, got {value!r} (e.g. --set {name}=0.005)")
+    return number
+
+
 @dataclass
 class StreamSettings:
     """How a stream is built; fixed when the stream is created and recorded in its manifest."""
@@ -86,7 +96,14 @@ class ConceptStream:
         self.path = path
         self.device = torch.device(device)
         self.model_ref = model_ref
-        self.method: ContinualMethod = get_method(settings.method)(**settings.hparams)
+        method_cls = get_method(settings.method)
+        hparams = dict(settings.hparams)
+        if "dc_temperature" in method_cls.all_defaults():
+            # one temperature: a method setting given by the user wins over the DC config
+            if "dc_temperature" in hparams:
+                settings.dc = replace(settings.dc, temperature=_positive_float("dc_temperature", hparams["dc_temperature"]))
+            hparams["dc_temperature"] = settings.dc.temperature
+        self.method: ContinualMethod = method_cls(**hparams)
         settings.hparams = dict(self.method.hparams)
         self._adapter_attached = False
         if self.method.uses_adapter:

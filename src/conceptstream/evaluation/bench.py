@@ -991,8 +991,10 @@ def format_summary(results: Mapping[str, Any]) -> str:
             agg = summ.get(key) or {}
             if agg.get("mean") is None:
                 cells.append(f"{'n/a':>17}")
-            else:
+            elif (agg.get("n") or 0) > 1:
                 cells.append(f"{agg['mean']:>8.{nd}f} ± {agg['std']:<6.{nd}f}")
+            else:
+                cells.append(f"{agg['mean']:>17.{nd}f}")
         lines.append(f"{label:<{width}}  " + "  ".join(cells))
     for f in results.get("failed", []):
         lines.append(f"FAILED {f['label']} seed {f['seed']}: {f['error']}")

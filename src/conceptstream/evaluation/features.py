@@ -71,7 +71,7 @@ class FeatureExtractor(ABC):
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text features in the image feature space; only CLIP-like extractors have them."""
         raise UserInputError(f"the {self.name} feature extractor has no text encoder; "
-                             "text-image alignment needs a CLIP model (--clip PATH)")
+                             "text-image alignment needs a CLIP model (--features clip:PATH)")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim})"

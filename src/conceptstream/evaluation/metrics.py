@@ -191,11 +191,11 @@ class TextImageAlignment(Metric):
         super().__init__(**kwargs)
         self.extractor = extractor
         if extractor is None:
-            self.unavailable_reason: str | None = ("text-image alignment needs a CLIP model (--clip PATH); "
+            self.unavailable_reason: str | None = ("text-image alignment needs a CLIP model (--features clip:PATH); "
                                                    "no feature extractor was given")
         elif not getattr(extractor, "supports_text", False):
             name = getattr(extractor, "name", type(extractor).__name__)
-            self.unavailable_reason = (f"text-image alignment needs a CLIP model (--clip PATH); "
+            self.unavailable_reason = (f"text-image alignment needs a CLIP model (--features clip:PATH); "
                                        f"the {name} extractor has no text encoder")
         else:
             self.unavailable_reason = None

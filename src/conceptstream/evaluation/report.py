@@ -91,7 +91,8 @@ def summary_table(doc: Mapping[str, Any]) -> list[str]:
             if not _finite(mean):
                 cells.append("n/a")
                 continue
-            text = f"{mean:.{nd}f} ± {std:.{nd}f}" if _finite(std) else f"{mean:.{nd}f}"
+            spread = _finite(std) and (agg.get("n") or 0) > 1  # one seed has no spread to show
+            text = f"{mean:.{nd}f} ± {std:.{nd}f}" if spread else f"{mean:.{nd}f}"
             cells.append(f"**{text}**" if key in best and mean == best[key] else text)
         lines.append(f"| `{label}` | {n} | " + " | ".join(cells) + " |")
     return lines

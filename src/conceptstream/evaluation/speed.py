@@ -136,6 +136,18 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def cpu_clock() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its waited-for
+    children); their difference over a run is the CPU time *other* processes took."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    t = os.times()
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
+
+
 def machine_name(info: dict[str, Any]) -> str:
     """A file-name-safe label: the GPU, or the CPU model and usable cores."""
     base = f"gpu-{info['gpu']}" if info.get("gpu") else f"cpu-{info['cpu_model']}-{info['cpu_usable']}c"
@@ -511,7 +523,7 @@ def _snapshot_model(model: str, workdir: Path) -> str:
 def run_speed(out: str | Path | None = "benchmarks/results", quick: bool = False, methods: str | Sequence[str] | None = None,
               adapter: str = "lora", model: str | None = None, device: str | None = None, steps: int | None = None,
               trials: int | None = None, threads: int | None = None, machine: str | None = None,
-              workdir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+              workdir: str | Path | None = None, progress: bool = True, timed_tasks: int | None = None) -> dict[str, Any]:
     """Run every measurement and write ``OUT/speed-<machine>[-quick].json``; returns the results."""
     import torch
 
@@ -529,9 +541,9 @@ def run_speed(out: str | Path | None = "benchmarks/results", quick: bool = False
     if "lora" not in chosen:
         chosen.insert(0, "lora")  # the reference of every ratio
     s = SpeedSettings.make(quick, methods=chosen, adapter=adapter, model=model or "tiny", device=device, steps=steps,
-                           trials=trials, threads=threads)
-    if s.steps < 1 or s.trials < 1:
-        raise UserInputError("--steps and --trials must be >= 1")
+                           trials=trials, threads=threads, timed_tasks=timed_tasks)
+    if s.steps < 1 or s.trials < 1 or s.timed_tasks < 1:
+        raise UserInputError("--steps, --trials and --timed-tasks must be >= 1")
 
     t_start = time.time()
 
@@ -540,6 +552,7 @@ def run_speed(out: str | Path | None = "benchmarks/results", quick: bool = False
             print(f"[bench-speed {time.time() - t_start:5.0f}s] {msg}", file=sys.stderr, flush=True)
 
     info = machine_info(device)
+    clock0 = cpu_clock()
     own_tmp = workdir is None
     work = Path(tempfile.mkdtemp(prefix="cs-speed-")) if own_tmp else Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -567,6 +580,9 @@ def run_speed(out: str | Path | None = "benchmarks/results", quick: bool = False
             shutil.rmtree(work, ignore_errors=True)
     info["loadavg_end"] = loadavg()
     results["wall_s"] = time.time() - t_start
+    clock1 = cpu_clock()
+    if clock0 and clock1:  # other processes' CPU use during the run, in cores (the load average counts ours)
+        info["other_cpu_cores"] = round(max(0.0, (clock1[0] - clock0[0]) - (clock1[1] - clock0[1])) / results["wall_s"], 3)
     results["caveats"] = _caveats(results)
     name = machine or machine_name(info)
     results["machine"]["name"] = name
@@ -584,9 +600,13 @@ def _caveats(results: dict[str, Any]) -> list[str]:
     out = []
     info = results["machine"]
     cores = info.get("cpu_usable") or 1
-    loads = [x for x in (info.get("loadavg_start"), info.get("loadavg_end")) if x]
-    if loads and max(v[0] for v in loads) >= 0.5:
-        out.append(f"the machine was busy (1-min load average {', '.join(str(v[0]) for v in loads)} on {cores} "
+    other = info.get("other_cpu_cores")
+    if other is not None:
+        if other >= 0.25:
+            out.append(f"other processes used {other:.2f} of {cores} usable cores during the run: absolute times "
+                       "are inflated and ratios noisy")
+    elif (info.get("loadavg_start") or [0.0])[0] >= 0.5:  # no /proc/stat: the start load is all we know
+        out.append(f"the machine was busy at the start (1-min load average {info['loadavg_start'][0]} on {cores} "
                    "usable cores): absolute times are inflated and ratios noisy")
     if results["settings"]["quick"]:
         out.append("--quick: tiny settings (a smoke test); the ratios are not meaningful measurements")

@@ -124,3 +124,21 @@ def build_components(seed: int = 0) -> dict:
         tokenizer=build_clip_tokenizer(),
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
     )
+
+
+def build_patch_discriminator(channels: tuple[int, ...] = (32, 64, 128)):
+    """A small PatchGAN critic (one logit per ~16x16 patch) used only to sharpen the VAE decoder
+    during base training; it is not part of the exported pipeline."""
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for i, ch in enumerate(channels):
+        stride = 2 if i < len(channels) - 1 else 1
+        layers.append(nn.Conv2d(in_ch, ch, 4, stride=stride, padding=1))
+        if i > 0:
+            layers.append(nn.GroupNorm(8, ch))
+        layers.append(nn.LeakyReLU(0.2))
+        in_ch = ch
+    layers.append(nn.Conv2d(in_ch, 1, 4, stride=1, padding=1))
+    return nn.Sequential(*layers)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The tabletop benchmark campaign behind benchmarks/results/ (issues 3 and 4), in the order it is
+# meant to run: sweeps first (they choose the defaults), then the method comparison with those
+# defaults. Every step is resumable: rerun the script and finished runs are skipped.
+# Hours on 2 CPU cores; run it alone (two torch jobs at once slow each other several-fold):
+#   OMP_NUM_THREADS=2 nohup bash benchmarks/run_tabletop.sh > bench.log 2>&1 &
+# Pick one stage with STAGES="sweep t6" etc.
+set -euo pipefail
+CS=${CS:-.venv/bin/conceptstream}
+OUT=${OUT:-bench}
+STAGES=${STAGES:-"sweep t6 t6-vera t10 t50"}
+
+for stage in $STAGES; do
+  case $stage in
+    sweep)  # one seed each, coordinate-wise: lambda first, then the rest at the chosen lambda
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --sweep ewc_lambda=0.1,1,10,100,1000 --out "$OUT/sweep-ewc-dc-lambda"
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_delta=0,0.1,1 --out "$OUT/sweep-ewc-dc-delta"
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_temperature=0.002,0.005,0.02 --out "$OUT/sweep-ewc-dc-tau"
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_k=2,5 --out "$OUT/sweep-ewc-dc-k"
+      $CS bench --sequence tabletop-6 --methods lora-ewc --seeds 1 --sweep ewc_lambda=1,10,100,1000 --out "$OUT/sweep-lora-ewc-lambda"
+      $CS bench --sequence tabletop-6 --methods c-lora --seeds 1 --sweep clora_lambda=100,1000,10000,100000 --out "$OUT/sweep-c-lora-lambda"
+      $CS bench --sequence tabletop-6 --methods dsc-ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dsc_iters=25,100 --out "$OUT/sweep-dsc-iters"
+      ;;
+    t6)
+      $CS bench --sequence tabletop-6 --adapter lora --seeds 3 --out "$OUT/tabletop-6-lora" \
+        --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion ;;
+    t6-vera)
+      $CS bench --sequence tabletop-6 --adapter vera --seeds 3 --out "$OUT/tabletop-6-vera" \
+        --methods lora,lora-ewc,ewc-dc,dsc,dsc-ewc-dc ;;
+    t10)
+      $CS bench --sequence tabletop-10 --adapter lora --seeds 3 --out "$OUT/tabletop-10" \
+        --methods lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc ;;
+    t50)
+      $CS bench --sequence tabletop-50 --adapter lora --seeds 1 --out "$OUT/tabletop-50" --methods c-lora,ewc-dc ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
