@@ -13,10 +13,11 @@ STAGES=${STAGES:-"sweep t6 t6-vera t10 t50"}
 for stage in $STAGES; do
   case $stage in
     sweep)  # one seed each, coordinate-wise: lambda first, then the rest at the chosen lambda
+            # (the default point of each later sweep is the dc_delta=0.1 run, so it is not repeated)
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --sweep ewc_lambda=0.1,1,10,100,1000 --out "$OUT/sweep-ewc-dc-lambda"
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_delta=0,0.1,1 --out "$OUT/sweep-ewc-dc-delta"
-      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_temperature=0.002,0.005,0.02 --out "$OUT/sweep-ewc-dc-tau"
-      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_k=2,5 --out "$OUT/sweep-ewc-dc-k"
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_temperature=0.002,0.02 --out "$OUT/sweep-ewc-dc-tau"
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_k=2 --out "$OUT/sweep-ewc-dc-k"
       $CS bench --sequence tabletop-6 --methods lora-ewc --seeds 1 --sweep ewc_lambda=1,10,100,1000 --out "$OUT/sweep-lora-ewc-lambda"
       $CS bench --sequence tabletop-6 --methods c-lora --seeds 1 --sweep clora_lambda=100,1000,10000,100000 --out "$OUT/sweep-c-lora-lambda"
       $CS bench --sequence tabletop-6 --methods dsc-ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dsc_iters=25,100 --out "$OUT/sweep-dsc-iters"
