@@ -53,27 +53,22 @@ def main(argv: list[str] | None = None) -> dict:
     centroids = torch.stack([f.mean(0) for f in real_feats.values()])
     nouns = list(real_feats)
 
-    # the metric's own ceiling: a second set of held-out real renders against the same centroids,
-    # and the same renders at half resolution (what a blurrier image costs on this metric)
-    real_ok = blur_ok = 0
-    for ci, cls in enumerate(BASE_CLASSES):
-        probe = [renderer.render_class(cls, 200_000 + i, seed=2).image for i in range(args.per_class)]
-        real_ok += int((torch.cdist(extractor(probe), centroids).argmin(1) == ci).sum())
-        blurred = [im.resize((32, 32), Image.BILINEAR).resize((64, 64), Image.BILINEAR) for im in probe]
-        blur_ok += int((torch.cdist(extractor(blurred), centroids).argmin(1) == ci).sum())
-    real_reference = real_ok / (args.per_class * len(BASE_CLASSES))
-    blur_reference = blur_ok / (args.per_class * len(BASE_CLASSES))
-
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
 
-    # the autoencoder's ceiling: the same probe renders after a VAE round trip (samples are decoded
-    # by the same decoder, so they can hardly score above this)
-    vae_ok = 0
+    # reference points on a second set of held-out real renders, against the same centroids: the
+    # renders themselves (the metric's ceiling), at half resolution (what blur costs on this
+    # metric), and after a VAE round trip (samples pass the same decoder: they can hardly score above it)
+    hits = {"real": 0, "half": 0, "vae": 0}
     for ci, cls in enumerate(BASE_CLASSES):
         probe = [renderer.render_class(cls, 200_000 + i, seed=2).image for i in range(args.per_class)]
-        vae_ok += int((torch.cdist(extractor(_vae_round_trip(pipe.vae, probe)), centroids).argmin(1) == ci).sum())
-    vae_reference = vae_ok / (args.per_class * len(BASE_CLASSES))
+        variants = {"real": probe,
+                    "half": [im.resize((32, 32), Image.BILINEAR).resize((64, 64), Image.BILINEAR) for im in probe],
+                    "vae": _vae_round_trip(pipe.vae, probe)}
+        for name, images in variants.items():
+            hits[name] += int((torch.cdist(extractor(images), centroids).argmin(1) == ci).sum())
+    real_reference, blur_reference, vae_reference = (hits[k] / (args.per_class * len(BASE_CLASSES))
+                                                     for k in ("real", "half", "vae"))
     per_class, tiles = {}, []
     correct = total = 0
     for ci, noun in enumerate(nouns):

@@ -103,6 +103,17 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def _draw_latents(lat_mean: torch.Tensor, lat_std: torch.Tensor, n: int, g: torch.Generator):
+    """A seeded batch: random dataset indices and one posterior sample of each image's latent."""
+    idx = torch.randint(0, len(lat_mean), (n,), generator=g)
+    return idx, lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    tensors, meta = optimizer_to_tensors(opt)
+    save_tensors_atomic(tensors, path, meta)
+
+
 class BaseTrainer:
     """Runs the stages in order; each call to :meth:`run` resumes from the work directory."""
 
@@ -198,8 +209,7 @@ class BaseTrainer:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps or self._should_stop():
                 save_tensors_atomic(vae.state_dict(), ck)
-                t, m = optimizer_to_tensors(opt)
-                save_tensors_atomic(t, self.workdir / "vae_opt.safetensors", m)
+                _save_optimizer(opt, self.workdir / "vae_opt.safetensors")
                 self.state["vae_step"] = step
                 self.state["losses"].setdefault("vae", []).append([step, round(loss.item(), 5)])
                 self._save_state()
@@ -259,9 +269,8 @@ class BaseTrainer:
         running = None
         while step < cfg.decoder_steps:
             g = torch.Generator().manual_seed(cfg.seed * 3_000_017 + step)
-            idx = torch.randint(0, len(images), (cfg.decoder_batch_size,), generator=g)
+            idx, z = _draw_latents(lat_mean, lat_std, cfg.decoder_batch_size, g)
             x = _to_tensor(images[idx.numpy()])
-            z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
             rec = vae.decode(z).sample
             rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
             gan_loss = -disc(rec).mean()
@@ -285,9 +294,8 @@ class BaseTrainer:
             if step % cfg.checkpoint_every == 0 or step == cfg.decoder_steps or stop:
                 save_tensors_atomic(vae.state_dict(), self.workdir / "vae.safetensors")
                 save_tensors_atomic(disc.state_dict(), files["disc"])
-                for opt, name in ((opt_g, "decoder_opt"), (opt_d, "disc_opt")):
-                    t_opt, meta = optimizer_to_tensors(opt)
-                    save_tensors_atomic(t_opt, files[name], meta)
+                _save_optimizer(opt_g, files["decoder_opt"])
+                _save_optimizer(opt_d, files["disc_opt"])
                 self.state["decoder_step"] = step
                 self.state["losses"].setdefault("decoder", []).append([step, round(running, 5), round(d_loss.item(), 4)])
                 self._save_state()
@@ -334,8 +342,8 @@ class BaseTrainer:
         running = None
         while step < cfg.unet_steps:
             g = torch.Generator().manual_seed(cfg.seed * 2_000_003 + step)
-            idx = torch.randint(0, len(captions), (cfg.batch_size,), generator=g)
-            z = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scale
+            idx, z = _draw_latents(lat_mean, lat_std, cfg.batch_size, g)
+            z = z * scale
             flip = torch.rand(cfg.batch_size, generator=g) < 0.5
             z = torch.where(flip[:, None, None, None], z.flip(-1), z)
             batch_ids = ids[idx].clone()
@@ -374,8 +382,7 @@ class BaseTrainer:
                 ema = {f"unet.{k}": v for k, v in ema_unet.items()}
                 ema.update({f"text.{k}": v for k, v in ema_text.items()})
                 save_tensors_atomic(ema, self.workdir / "ema.safetensors")
-                t_opt, meta = optimizer_to_tensors(opt)
-                save_tensors_atomic(t_opt, self.workdir / "unet_opt.safetensors", meta)
+                _save_optimizer(opt, self.workdir / "unet_opt.safetensors")
                 self.state["unet_step"] = step
                 self.state["losses"].setdefault("unet", []).append([step, round(running, 5)])
                 self._save_state()
