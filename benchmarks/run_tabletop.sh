@@ -8,20 +8,31 @@
 set -euo pipefail
 CS=${CS:-.venv/bin/conceptstream}
 OUT=${OUT:-bench}
-STAGES=${STAGES:-"sweep t6 t6-vera t10 t50"}
+STAGES=${STAGES:-"sweep levers speed-levers t6 t6-vera t10 t50"}  # sweep = sweep-ewc-dc sweep-c-lora sweep-lora-ewc sweep-dsc
 
 for stage in $STAGES; do
   case $stage in
-    sweep)  # one seed each, coordinate-wise: lambda first, then the rest at the chosen lambda
+    sweep)  # every sweep below, in order
+      STAGES="sweep-ewc-dc sweep-c-lora sweep-lora-ewc sweep-dsc" OUT="$OUT" CS="$CS" bash "$0" ;;
+    sweep-ewc-dc)  # one seed each, coordinate-wise: lambda first, then the rest at the chosen lambda
             # (the default point of each later sweep is the dc_delta=0.1 run, so it is not repeated)
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --sweep ewc_lambda=0.1,1,10,100,1000 --out "$OUT/sweep-ewc-dc-lambda"
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_delta=0,0.1,1 --out "$OUT/sweep-ewc-dc-delta"
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_temperature=0.002,0.02 --out "$OUT/sweep-ewc-dc-tau"
-      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_k=2 --out "$OUT/sweep-ewc-dc-k"
-      $CS bench --sequence tabletop-6 --methods lora-ewc --seeds 1 --sweep ewc_lambda=1,10,100,1000 --out "$OUT/sweep-lora-ewc-lambda"
-      $CS bench --sequence tabletop-6 --methods c-lora --seeds 1 --sweep clora_lambda=100,1000,10000,100000 --out "$OUT/sweep-c-lora-lambda"
-      $CS bench --sequence tabletop-6 --methods dsc-ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dsc_iters=25,100 --out "$OUT/sweep-dsc-iters"
-      ;;
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_k=2 --out "$OUT/sweep-ewc-dc-k" ;;
+    sweep-c-lora)
+      $CS bench --sequence tabletop-6 --methods c-lora --seeds 1 --sweep clora_lambda=100,1000,10000,100000 --out "$OUT/sweep-c-lora-lambda" ;;
+    sweep-lora-ewc)
+      $CS bench --sequence tabletop-6 --methods lora-ewc --seeds 1 --sweep ewc_lambda=1,10,100,1000 --out "$OUT/sweep-lora-ewc-lambda" ;;
+    sweep-dsc)
+      $CS bench --sequence tabletop-6 --methods dsc-ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dsc_iters=25,100 --out "$OUT/sweep-dsc-iters" ;;
+    levers)  # quality of ewc-dc's speed levers (issue 6), at the measured ewc_lambda; dc_k=2 alone is sweep-ewc-dc-k
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --sweep dc_batch=1 --out "$OUT/sweep-ewc-dc-batch"
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --sweep fisher_passes=1 --out "$OUT/sweep-ewc-dc-fisher"
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=2 --sweep dc_batch=1 --out "$OUT/sweep-ewc-dc-k2-batch1" ;;
+    speed-levers)  # time of the same levers vs lora, 6 timed tasks so the DC candidate set fills up (k=5)
+      $CS bench-speed --parts training --timed-tasks 6 --label levers --out "${SPEED_OUT:-benchmarks/results}" \
+        --methods "lora,ewc-dc,ewc-dc[dc_k=2],ewc-dc[dc_k=2,dc_batch=1],dsc-ewc-dc,dsc-ewc-dc[dsc_iters=25,dc_k=2,dc_batch=1]" ;;
     t6)
       $CS bench --sequence tabletop-6 --adapter lora --seeds 3 --out "$OUT/tabletop-6-lora" \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion ;;

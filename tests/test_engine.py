@@ -505,14 +505,25 @@ def test_learn_errors_on_an_existing_state_leave_it_unchanged(tmp_path, random_m
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_and_gradient_checkpointing_train(tmp_path, random_model_path, concept_dirs, precision):
-    """Autocast + gradient checkpointing run a task; trained values stay fp32 and finite."""
+    """Autocast (through accelerate) + gradient checkpointing run a task; trained values stay fp32 and finite.
+
+    fp16 has no CPU autocast: on a CPU-only machine it is refused with a one-line error and no state."""
     from conceptstream import api
 
     state = tmp_path / "s"
-    api.learn(state, concept_dirs[0], model=str(random_model_path), method="lora", steps=2, progress=False,
-              checkpoint_every=0, mixed_precision=precision, gradient_checkpointing=True)
+    kwargs = dict(model=str(random_model_path), method="lora", steps=2, progress=False, checkpoint_every=0,
+                  mixed_precision=precision, gradient_checkpointing=True)
+    if precision == "fp16" and not torch.cuda.is_available():
+        with pytest.raises(UserInputError, match="fp16 needs a GPU"):
+            api.learn(state, concept_dirs[0], **kwargs)
+        assert not state.exists()
+        return
+    api.learn(state, concept_dirs[0], **kwargs)
     stream = api.open_stream(state)
     values = stream.state_tensors()["adapter"]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in values.values())
     assert stream.manifest["concepts"][0]["mixed_precision"] == precision
     assert not stream.pipe.unet.is_gradient_checkpointing
+    # accelerate keeps one precision per process; a later task in another precision still runs
+    api.learn(state, concept_dirs[1], **{**kwargs, "mixed_precision": "no"})
+    assert [c["mixed_precision"] for c in api.open_stream(state).manifest["concepts"]] == [precision, "no"]

@@ -11,7 +11,8 @@ from conftest import run_cli
 
 from conceptstream.adapters.registry import AdapterSpec, adapter_parameters, trainable_values
 from conceptstream.engine import ConceptStream, StreamSettings, fused_adapters
-from conceptstream.evaluation.speed import format_table, synthetic_images
+from conceptstream.errors import UserInputError
+from conceptstream.evaluation.speed import format_table, parse_variant, split_methods, synthetic_images
 
 
 def _positive(x) -> bool:
@@ -56,6 +57,36 @@ def test_bench_speed_quick_writes_json(random_model_path, tmp_path):
     # DSC keeps one adapter per task: its state grows; lora's does not (beyond a token row)
     assert data["state_size"]["dsc-ewc-dc"]["2"] > data["state_size"]["dsc-ewc-dc"]["1"]
     assert "| lora |" in format_table(data)
+
+
+def test_method_variants_parse_and_errors():
+    assert split_methods("lora, ewc-dc[dc_k=2,dc_batch=1],dsc") == ["lora", "ewc-dc[dc_k=2,dc_batch=1]", "dsc"]
+    assert parse_variant("ewc-dc[dc_k=2,dc_batch=1]") == ("ewc-dc", {"dc_k": 2, "dc_batch": 1})
+    assert parse_variant("lora") == ("lora", {})
+    for bad, needle in (("ewc-dcx", "unknown method"), ("lora[dc_k=2]", "no setting 'dc_k'"),
+                        ("ewc-dc[dc_k=]", "no value")):
+        with pytest.raises(UserInputError, match=needle):
+            parse_variant(bad)
+
+
+def test_bench_speed_times_variants_with_their_settings(random_model_path, tmp_path):
+    """A variant's settings reach its stream; --parts training skips the other measurements."""
+    out = tmp_path / "results"
+    proc = run_cli("bench-speed", "--quick", "--methods", "ewc-dc[dc_k=1,fisher_passes=1]", "--parts", "training",
+                   "--model", str(random_model_path), "--out", str(out), "--machine", "ci", "--label", "levers",
+                   "--json", "--timed-tasks", "1", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "speed-ci-levers-quick.json").read_text())
+    assert list(data["training"]) == ["lora", "ewc-dc[dc_k=1,fisher_passes=1]"]
+    assert data["parts"] == ["training"] and "dc" not in data and data["state_size"] == {}
+    variant = data["training"]["ewc-dc[dc_k=1,fisher_passes=1]"]
+    assert _positive(variant["wall_ratio"])
+    assert variant["tasks"][0]["hyperparameters"]["dc_k"] == 1
+    assert variant["tasks"][0]["hyperparameters"]["fisher_passes"] == 1
+    assert data["training"]["lora"]["tasks"][0]["hyperparameters"].get("dc_k") is None
+    assert "| ewc-dc[dc_k=1,fisher_passes=1] |" in format_table(data)
+    bad = run_cli("bench-speed", "--quick", "--methods", "lora[dc_k=2]", "--out", str(out))
+    assert bad.returncode == 2 and "no setting 'dc_k'" in bad.stderr
 
 
 def _learned_stream(model, kind: str) -> ConceptStream:

@@ -7,6 +7,7 @@ Ctrl-C at any moment leaves the previous state exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from conceptstream.adapters.registry import AdapterSpec
+from conceptstream.distributed import default_device, is_main_process
 from conceptstream.engine import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_STEPS,
@@ -31,9 +33,7 @@ TENSOR_FILES = ("tokens", "adapter", "method")
 
 
 def _device(device: str | None) -> str:
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return device or default_device()
 
 
 def open_stream(state: str | Path, model: str | None = None, device: str | None = None,
@@ -106,12 +106,15 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
     if token is not None:
         validate_token(token)
     store = StateStore(state)
-    created = not store.path.exists()
+    # Under `accelerate launch` only the main process locks, checkpoints and commits; the others train
+    # alongside it (their gradients are averaged into the main process's) and leave the state alone.
+    main = is_main_process()
+    created = main and not store.path.exists()
     try:
-        with store.lock():
-            if discard_checkpoint:
+        with store.lock() if main else contextlib.nullcontext():
+            if discard_checkpoint and main:
                 store.clear_checkpoint()
-            checkpoint = store.load_checkpoint()
+            checkpoint = None if discard_checkpoint and not main else store.load_checkpoint()
             if checkpoint is not None and not resume:
                 i = checkpoint[1]
                 raise StateError(f"{state} has an interrupted task ({i.get('token')} {i.get('noun')}, step "
@@ -149,13 +152,15 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
             try:
                 report = stream.learn(pil_images or [], token, noun, steps=steps, seed=seed, progress=progress,
                                       checkpoint_every=checkpoint_every,
-                                      on_checkpoint=store.save_checkpoint if checkpoint_every else None,
+                                      on_checkpoint=store.save_checkpoint if checkpoint_every and main else None,
                                       resume=checkpoint, mixed_precision=mixed_precision,
                                       gradient_checkpointing=gradient_checkpointing)
             except TrainingDiverged:
-                store.clear_checkpoint()  # resuming would diverge again at the same step
+                if main:
+                    store.clear_checkpoint()  # resuming would diverge again at the same step
                 raise
-            store.commit(stream.manifest, stream.state_tensors())
+            if main:
+                store.commit(stream.manifest, stream.state_tensors())
     finally:
         if created:
             _remove_if_unused(store.path)

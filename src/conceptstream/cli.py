@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
     lp.add_argument("--device", default=None)
     lp.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
-                    help="autocast training forward passes (GPU: bf16/fp16; trained values stay fp32)")
+                    help="autocast training forward passes through accelerate (bf16; fp16 on GPUs only; "
+                         "trained values stay fp32)")
     lp.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations to save memory")
     lp.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                     help="save the task's progress into STATE every N steps (default 50; 0 = never) so that an "
@@ -141,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quick", action="store_true", help="tiny settings, about a minute (CI smoke test)")
     sp.add_argument("--json", action="store_true", help="print the results as JSON instead of a Markdown table")
     sp.add_argument("--out", default="benchmarks/results", help="folder for speed-<machine>.json")
-    sp.add_argument("--methods", default=None, help="comma-separated methods (default: all; lora is always added)")
+    sp.add_argument("--methods", default=None, help="comma-separated methods (default: all; lora is always added); "
+                    "a method may carry settings to time its speed levers, e.g. 'ewc-dc,ewc-dc[dc_k=2,dc_batch=1]'")
+    sp.add_argument("--parts", default=None, help="comma-separated subset of training,dc,generate,size (default: all)")
+    sp.add_argument("--label", default=None, help="suffix of the result file name (speed-<machine>-<label>.json)")
     sp.add_argument("--adapter", default="lora", choices=["lora", "vera"])
     sp.add_argument("--model", default=None, help="'tiny' (bundled) or a diffusers Stable Diffusion folder")
     sp.add_argument("--device", default=None)
@@ -213,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
 
         results = run_speed(args.out, quick=args.quick, methods=args.methods, adapter=args.adapter, model=args.model,
                             device=args.device, steps=args.steps, trials=args.trials, threads=args.threads,
-                            machine=args.machine, timed_tasks=args.timed_tasks)
+                            machine=args.machine, timed_tasks=args.timed_tasks, parts=args.parts, label=args.label)
         print(json.dumps(results, indent=2) if args.json else format_table(results))
         return 0
     raise AssertionError(args.command)

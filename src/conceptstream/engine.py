@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from conceptstream.adapters.registry import AdapterSpec, adapter_state, attach_adapter, load_adapter_state
+from conceptstream.distributed import RANK_SEED_STRIDE, average_gradients, make_accelerator
 from conceptstream.errors import ConceptstreamError, StateError, UserInputError
 from conceptstream.methods.base import ConceptInfo, ContinualMethod, TaskContext
 from conceptstream.methods.registry import get_method
@@ -231,9 +232,12 @@ class ConceptStream:
         (:meth:`_task_checkpoint`): the trained values, the optimizer state, the RNG states and the task's
         token/noun/seed/steps, never an image, a latent or an image feature (resuming re-reads the images).
         ``resume=(tensors, info)`` continues from such a checkpoint; the result equals an uninterrupted run.
-        ``mixed_precision`` ("no", "bf16", "fp16") autocasts the training-step forward passes (trained
-        values stay fp32; fp16 uses a gradient scaler); ``gradient_checkpointing`` trades UNet
-        activation memory for recomputation. Fisher estimation and consolidation run in full precision.
+        Training steps run through an ``accelerate.Accelerator``: ``mixed_precision`` ("no", "bf16", "fp16")
+        autocasts the training-step forward passes (trained values stay fp32; fp16 uses accelerate's gradient
+        scaler and needs a GPU); ``gradient_checkpointing`` trades UNet activation memory for recomputation.
+        Under ``accelerate launch`` each process draws its own batches and gradients are averaged across
+        processes every step (data parallelism); the Fisher and DSC consolidation run per process and the
+        caller commits the main process's result. Fisher estimation and consolidation run in full precision.
         """
         import time
 
@@ -249,14 +253,15 @@ class ConceptStream:
             raise UserInputError("the class noun is empty; give one, e.g. --noun 'teddy bear'")
         if steps < 1:
             raise UserInputError(f"--steps must be >= 1, got {steps}")
-        if mixed_precision not in ("no", "bf16", "fp16"):
-            raise UserInputError(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
+        accelerator = make_accelerator(mixed_precision, self.device)
         if checkpoint_every < 0:
             raise UserInputError(f"--checkpoint-every must be >= 0 (0 = no checkpoints), got {checkpoint_every}")
         if resume is not None:
             self._check_resume_info(resume[1], token, noun, steps, seed, len(images))
         t0 = time.time()
-        torch.manual_seed(seed)
+        rank = accelerator.process_index  # each process of a launch draws its own batches
+        progress = progress and accelerator.is_main_process
+        torch.manual_seed(seed + RANK_SEED_STRIDE * rank)
         mean, std = self.encode_images(images)
         pipe, method = self.pipe, self.method
         (token_id,) = add_tokens(pipe.tokenizer, pipe.text_encoder, [token])
@@ -265,7 +270,8 @@ class ConceptStream:
         concepts = [*self.concept_infos(), ConceptInfo(token, noun, token_id, len(self.tokens))]
         ctx = TaskContext(unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                           scheduler=pipe.scheduler, dc=self.dc, concepts=concepts, latent_mean=mean,
-                          latent_std=std, generator=torch.Generator().manual_seed(seed), device=self.device,
+                          latent_std=std, generator=torch.Generator().manual_seed(seed + RANK_SEED_STRIDE * rank),
+                          device=self.device,
                           include_noun=method.include_noun, progress=progress)
         base_embedding = pipe.text_encoder.get_input_embeddings()
         wrapper = ConceptEmbedding(base_embedding, [token_id]) if method.trains_token else None
@@ -277,6 +283,7 @@ class ConceptStream:
             groups = method.trainable_groups(ctx, wrapper.rows if wrapper is not None else None)
             opt = torch.optim.AdamW(groups, weight_decay=0.0)
             params = self._trained_parameters(opt, wrapper)
+            opt = accelerator.prepare_optimizer(opt, device_placement=False)
             start, loss_value = 0, math.nan
             if resume is not None:
                 start = self._restore_checkpoint(resume, params, opt, ctx.generator)
@@ -284,23 +291,18 @@ class ConceptStream:
             pipe.unet.train()
             if gradient_checkpointing:
                 pipe.unet.enable_gradient_checkpointing()
-            autocast, scaler = self._precision(mixed_precision)
             logs: list[dict] = []
             bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"learn {token}", disable=not progress)
             for step in bar:
-                with autocast():
+                with accelerator.autocast():
                     loss, info = method.loss(ctx, step)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise self._diverged(f"the loss became {loss_value} at step {step} of {token}")
                 opt.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    opt.step()
-                else:  # fp16: scaled backward; steps with inf gradients are skipped by the scaler
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                accelerator.backward(loss)  # fp16: scaled; steps with inf gradients are skipped at opt.step()
+                average_gradients(accelerator, params.values())
+                opt.step()
                 info = {"step": step, "loss": loss_value, **info}
                 logs.append(info)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -328,16 +330,6 @@ class ConceptStream:
                                           "images": len(images), "mixed_precision": mixed_precision})
         self._sync_manifest()
         return TaskReport(token, noun, len(self.tokens) - 1, steps, time.time() - t0, loss_value, logs)
-
-    def _precision(self, mixed_precision: str):
-        """(autocast context factory, gradient scaler or None) for a training step."""
-        import contextlib
-
-        if mixed_precision == "no":
-            return contextlib.nullcontext, None
-        dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-        scaler = torch.amp.GradScaler(self.device.type) if mixed_precision == "fp16" else None
-        return (lambda: torch.autocast(self.device.type, dtype=dtype)), scaler
 
     # -- in-task checkpoints -------------------------------------------------------------------
     @staticmethod

@@ -749,7 +749,9 @@ class Bench:
         self.extractor = s.features if isinstance(s.features, FeatureExtractor) else get_feature_extractor(s.features)
         self.evaluator = Evaluator(s, self.data, self.extractor)
         self.variants = expand_variants(s.methods, s.adapter, s.sweep)
-        self.runs = [BenchRun(self, v, k) for v in self.variants for k in s.seeds]
+        # Seed-major: every method's first seed runs before any second seed, so a campaign cut short
+        # (or still running) already compares all methods.
+        self.runs = [BenchRun(self, v, k) for k in s.seeds for v in self.variants]
 
     def _sampler_name(self) -> str:
         from conceptstream.models.loading import resolve_model

@@ -48,6 +48,7 @@ NOUNS = ("mug", "teddy bear", "bowl", "duck", "chair", "lamp", "bottle", "car", 
 FIXED_ADAPTER = {"c-lora": "lora"}  # C-LoRA's locked buffer is LoRA's B A whatever --adapter says
 GENERATE_TARGET = 1.05
 DC_TARGET = 0.9
+SPEED_PARTS = ("training", "dc", "generate", "size")
 
 
 @dataclass
@@ -252,6 +253,37 @@ def _hparams_for(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if k in known}
 
 
+def _slug(label: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", label).strip("_")
+
+
+def split_methods(text: str) -> list[str]:
+    """``"lora,ewc-dc[dc_k=2,dc_batch=1]"`` -> ``["lora", "ewc-dc[dc_k=2,dc_batch=1]"]`` (commas inside [] kept)."""
+    return [m.strip() for m in re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?", text) if m.strip()]
+
+
+def parse_variant(label: str) -> tuple[str, dict[str, Any]]:
+    """``"ewc-dc[dc_k=2,dc_batch=1]"`` -> ``("ewc-dc", {"dc_k": 2, "dc_batch": 1})``; a plain name has no settings."""
+    from conceptstream.errors import UserInputError
+    from conceptstream.evaluation.bench import _parse_value
+    from conceptstream.methods.registry import get_method, method_names
+
+    match = re.fullmatch(r"\s*([\w-]+)\s*(?:\[(.*)\])?\s*", label)
+    if match is None or match.group(1) not in method_names():
+        raise UserInputError(f"unknown method {label!r} in --methods; choose from: {', '.join(method_names())}, "
+                             "optionally with settings, e.g. ewc-dc[dc_k=2,dc_batch=1]")
+    method, hparams = match.group(1), {}
+    known = get_method(method).all_defaults()
+    for item in filter(str.strip, (match.group(2) or "").split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in known or not value.strip():
+            raise UserInputError(f"--methods {label!r}: {method} has no setting {key!r} or it has no value; "
+                                 f"its settings: {', '.join(sorted(known))}")
+        hparams[key] = _parse_value(value)
+    return method, hparams
+
+
 def _adapter_for(method: str, adapter: str) -> str:
     return FIXED_ADAPTER.get(method, adapter)
 
@@ -288,15 +320,18 @@ def timed_task(state: str, method: str, task: int, s: dict[str, Any]) -> dict[st
     rss_before = rss_mb()
     reset_ok = reset_peak_rss()
     t0 = time.perf_counter()
+    method, extra = parse_variant(method)
+    hparams = {**_hparams_for(method, s["method_hparams"]), **extra}
     report = api.learn(state, images, token=_token(task), noun=NOUNS[task % len(NOUNS)], method=method,
                        model=s["model"], steps=s["steps"], seed=task, adapter=_adapter_for(method, s["adapter"]),
-                       hparams=(_hparams_for(method, s["method_hparams"]) or None) if task == 0 else None,
+                       hparams=(hparams or None) if task == 0 else None,
                        device=s["device"], progress=False, checkpoint_every=0)
     _sync(s["device"])
     wall = time.perf_counter() - t0
     out = {"task": task + 1, "wall_s": wall, "train_s": report.seconds, "rss_before_mb": rss_before,
            "peak_rss_mb": peak_rss_mb(), "peak_rss_is_task_only": reset_ok,
-           "state_bytes": StateStore(state).size_bytes()}
+           "state_bytes": StateStore(state).size_bytes(),
+           "hyperparameters": StateStore(state).read_manifest()["method"]["hyperparameters"]}
     if cuda:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -337,7 +372,7 @@ def _run_worker(jobs: list[dict[str, Any]], s: SpeedSettings, workdir: Path, nam
 
 
 def bench_training(s: SpeedSettings, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    jobs = [{"method": m, "task": t, "state": str(workdir / f"time-{m}")}
+    jobs = [{"method": m, "task": t, "state": str(workdir / f"time-{_slug(m)}")}
             for m in s.methods for t in range(s.timed_tasks)]
     if s.isolation == "shared-process":
         log(f"training: {len(jobs)} tasks in one worker process")
@@ -346,7 +381,7 @@ def bench_training(s: SpeedSettings, workdir: Path, log: Callable[[str], None]) 
         rows = []
         for j, job in enumerate(jobs):
             log(f"training: {job['method']} task {job['task'] + 1} ({j + 1}/{len(jobs)}, fresh process)")
-            rows += _run_worker([job], s, workdir, f"train-{job['method']}-{job['task']}")
+            rows += _run_worker([job], s, workdir, f"train-{_slug(job['method'])}-{job['task']}")
     per_method: dict[str, dict[str, Any]] = {m: {"tasks": [r for r in rows if r["method"] == m]} for m in s.methods}
     ref = per_method.get("lora")
     for entry in per_method.values():
@@ -475,19 +510,20 @@ def bench_state_size(s: SpeedSettings, workdir: Path, training: dict[str, Any], 
 
     out: dict[str, Any] = {}
     need = max(s.size_tasks)
-    for method in s.methods:
+    for label in s.methods:
+        method, extra = parse_variant(label)
         sizes: dict[str, int] = {}
-        timed = training.get(method, {}).get("tasks", [])
+        timed = training.get(label, {}).get("tasks", [])
         if need <= len(timed):
             sizes = {str(r["task"]): r["state_bytes"] for r in timed}
         else:
-            log(f"state size: {method}, {need} short tasks")
+            log(f"state size: {label}, {need} short tasks")
             kind = _adapter_for(method, s.adapter)
             spec = AdapterSpec(kind=kind, rank=4 if kind == "lora" else 64)
-            hp = _hparams_for(method, {**s.method_hparams, **s.size_hparams})
+            hp = {**_hparams_for(method, {**s.method_hparams, **s.size_hparams}), **extra}
             stream = ConceptStream.new(s.model, StreamSettings(method=method, adapter=spec, hparams=hp),
                                        device=s.device)
-            store = StateStore(workdir / f"size-{method}")
+            store = StateStore(workdir / f"size-{_slug(label)}")
             for task in range(need):
                 stream.learn(synthetic_images(2, seed=1000 + task), _token(task), NOUNS[task % len(NOUNS)],
                              steps=1, seed=task, progress=False)
@@ -496,7 +532,7 @@ def bench_state_size(s: SpeedSettings, workdir: Path, training: dict[str, Any], 
                 sizes[str(task + 1)] = StateStore(store.path).size_bytes()
             del stream
             gc.collect()
-        out[method] = {str(n): sizes.get(str(n)) for n in s.size_tasks}
+        out[label] = {str(n): sizes.get(str(n)) for n in s.size_tasks}
     ref = out.get("lora")
     if ref:
         for entry in out.values():
@@ -523,8 +559,12 @@ def _snapshot_model(model: str, workdir: Path) -> str:
 def run_speed(out: str | Path | None = "benchmarks/results", quick: bool = False, methods: str | Sequence[str] | None = None,
               adapter: str = "lora", model: str | None = None, device: str | None = None, steps: int | None = None,
               trials: int | None = None, threads: int | None = None, machine: str | None = None,
-              workdir: str | Path | None = None, progress: bool = True, timed_tasks: int | None = None) -> dict[str, Any]:
-    """Run every measurement and write ``OUT/speed-<machine>[-quick].json``; returns the results."""
+              workdir: str | Path | None = None, progress: bool = True, timed_tasks: int | None = None,
+              parts: str | Sequence[str] | None = None, label: str | None = None) -> dict[str, Any]:
+    """Run the measurements and write ``OUT/speed-<machine>[-<label>][-quick].json``; returns the results.
+
+    ``methods`` may carry settings, ``ewc-dc[dc_k=2,dc_batch=1]``, to time a method's speed levers side by side;
+    ``parts`` picks from training, dc, generate, size (default: all)."""
     import torch
 
     from conceptstream.errors import UserInputError
@@ -534,10 +574,14 @@ def run_speed(out: str | Path | None = "benchmarks/results", quick: bool = False
         torch.set_num_threads(threads)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = method_names()
-    chosen = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods or names)
-    unknown = [m for m in chosen if m not in names]
-    if unknown:
-        raise UserInputError(f"unknown method {unknown[0]!r}; choose from: {', '.join(names)}")
+    chosen = split_methods(methods) if isinstance(methods, str) else list(methods or names)
+    for m in chosen:
+        parse_variant(m)  # one-line error for an unknown method or setting
+    chosen = list(dict.fromkeys(chosen))
+    wanted = [p.strip() for p in parts.split(",")] if isinstance(parts, str) else list(parts or SPEED_PARTS)
+    bad = [p for p in wanted if p not in SPEED_PARTS]
+    if bad or not wanted:
+        raise UserInputError(f"--parts {','.join(wanted)!r}: choose from {', '.join(SPEED_PARTS)}")
     if "lora" not in chosen:
         chosen.insert(0, "lora")  # the reference of every ratio
     s = SpeedSettings.make(quick, methods=chosen, adapter=adapter, model=model or "tiny", device=device, steps=steps,
@@ -563,17 +607,22 @@ def run_speed(out: str | Path | None = "benchmarks/results", quick: bool = False
                                    "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                                    "machine": info, "versions": versions(),
                                    "settings": {**asdict(s), "model": model_ref}}
-        results["training"] = bench_training(s, work, log)
-        log("dc scoring throughput + generation overhead")
-        from conceptstream.models.loading import load_pipeline
+        results["parts"] = wanted
+        results["training"] = bench_training(s, work, log) if "training" in wanted else {}
+        if "dc" in wanted or "generate" in wanted:
+            log("dc scoring throughput + generation overhead")
+            from conceptstream.models.loading import load_pipeline
 
-        streams = _inference_streams(s)
-        results["dc"] = bench_dc(streams[s.adapter], s)
-        base = load_pipeline(s.model, device=device)
-        results["generate"] = bench_generate(base, streams, s)
-        del base, streams
-        gc.collect()
-        results["state_size"] = bench_state_size(s, work, results["training"], log)
+            streams = _inference_streams(s)
+            if "dc" in wanted:
+                results["dc"] = bench_dc(streams[s.adapter], s)
+            if "generate" in wanted:
+                base = load_pipeline(s.model, device=device)
+                results["generate"] = bench_generate(base, streams, s)
+                del base
+            del streams
+            gc.collect()
+        results["state_size"] = bench_state_size(s, work, results["training"], log) if "size" in wanted else {}
         log("done")
     finally:
         if own_tmp:
@@ -587,7 +636,7 @@ def run_speed(out: str | Path | None = "benchmarks/results", quick: bool = False
     name = machine or machine_name(info)
     results["machine"]["name"] = name
     if out is not None:
-        path = Path(out) / f"speed-{name}{'-quick' if quick else ''}.json"
+        path = Path(out) / f"speed-{name}{'-' + _slug(label) if label else ''}{'-quick' if quick else ''}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
@@ -651,16 +700,18 @@ def format_table(results: dict[str, Any]) -> str:
             row += [_f(last.get("peak_gpu_mb"), "{:.0f}"), _f(e.get("peak_gpu_ratio"))]
         row += [_kib(size.get(method, {}).get(str(n))) for n in s["size_tasks"]]
         lines.append("| " + " | ".join(row) + " |")
-    dc = results["dc"]
-    lines += ["", f"DC scoring ({dc['images']} images x {dc['candidates']} candidates x {dc['timesteps']} timesteps, "
-              f"UNet batch {dc['unet_batch']}): raw UNet {dc['evals_per_s']['raw']:.1f} evals/s; "
-              f"DiffusionClassifier.errors {dc['errors_ratio']:.3f}x, eval_errors {dc['eval_errors_ratio']:.3f}x "
-              f"of raw (target >= {dc['target']})"]
-    g = results["generate"]
-    parts = [f"{k}: fused {g[k]['fused_ratio']:.3f}x, unfused {g[k]['unfused_ratio']:.3f}x"
-             for k in g if isinstance(g[k], dict)]
-    lines += ["", f"generate ({g['images']} images, {g['steps']} steps; base pipeline {g['base_s']:.2f}s): "
-              + "; ".join(parts) + f" (target fused <= {g['target']}x)"]
+    dc = results.get("dc")
+    if dc is not None:
+        lines += ["", f"DC scoring ({dc['images']} images x {dc['candidates']} candidates x {dc['timesteps']} "
+                  f"timesteps, UNet batch {dc['unet_batch']}): raw UNet {dc['evals_per_s']['raw']:.1f} evals/s; "
+                  f"DiffusionClassifier.errors {dc['errors_ratio']:.3f}x, eval_errors {dc['eval_errors_ratio']:.3f}x "
+                  f"of raw (target >= {dc['target']})"]
+    g = results.get("generate")
+    if g is not None:
+        parts = [f"{k}: fused {g[k]['fused_ratio']:.3f}x, unfused {g[k]['unfused_ratio']:.3f}x"
+                 for k in g if isinstance(g[k], dict)]
+        lines += ["", f"generate ({g['images']} images, {g['steps']} steps; base pipeline {g['base_s']:.2f}s): "
+                  + "; ".join(parts) + f" (target fused <= {g['target']}x)"]
     if results.get("caveats"):
         lines += [""] + [f"> caveat: {c}" for c in results["caveats"]]
     return "\n".join(lines)

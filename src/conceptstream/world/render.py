@@ -120,7 +120,9 @@ class TabletopRenderer:
     def __init__(self, size: int = 64) -> None:
         self.size = size
         self._client: int | None = None
-        self._cache = Path(tempfile.mkdtemp(prefix="conceptstream-world-"))
+        # UV-mapped meshes and texture PNGs for pybullet; removed when the renderer is garbage-collected or at exit
+        self._cache_dir = tempfile.TemporaryDirectory(prefix="conceptstream-world-")
+        self._cache = Path(self._cache_dir.name)
         self._textures: dict[str, int] = {}
 
     # -- resources -----------------------------------------------------------------------------
