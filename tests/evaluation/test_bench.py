@@ -180,7 +180,7 @@ def test_results_json_has_summary_matrices_and_settings(bench_dir):
     assert set(doc["summary"]) == set(METHODS)
     for label in METHODS:
         s = doc["summary"][label]
-        for key in ("A_MMD", "BwT_MMD", "forgetting_MMD", "plasticity_MMD", "KID", "I2I", "DC_acc"):
+        for key in ("A_MMD", "BwT_MMD", "forgetting_MMD", "plasticity_MMD", "KID", "I2I", "DC_acc", "DC_ECE"):
             assert set(s[key]) == {"mean", "std", "n"}, key
             assert s[key]["n"] == 1 and isinstance(s[key]["mean"], float) and s[key]["std"] == 0.0
         assert s["T2I"] == {"mean": None, "std": None, "n": 0}  # no CLIP: unavailable, not made up
@@ -196,6 +196,9 @@ def test_results_json_has_summary_matrices_and_settings(bench_dir):
         bwt = run["matrices"]["MMD"][0][0] - run["matrices"]["MMD"][1][0]
         assert s["BwT_MMD"]["mean"] == pytest.approx(bwt)
         assert len(run["dc"]["confusion"]) == 2 and len(run["dc"]["confusion"][0]) == 3  # c_0 + 2 concepts
+        cal = run["dc"]["calibration"]
+        assert 0.0 <= cal["ece"] <= 1.0 and 0.0 <= cal["true_prob"] <= 1.0 and cal["nll"] >= 0.0
+        assert s["DC_ECE"]["mean"] == pytest.approx(cal["ece"])
         assert run["hparams"]["lr"] > 0 and run["config"]["steps"] == 2
         for t in run["tasks"]:
             assert t["eval_seconds"] > 0 and t["memory"]["peak_rss_mib"] > 0

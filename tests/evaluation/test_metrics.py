@@ -12,6 +12,7 @@ from conceptstream.errors import UserInputError
 from conceptstream.evaluation.metrics import (
     KID,
     DCAccuracy,
+    DCCalibration,
     ImageImageSimilarity,
     KernelMMD,
     TextImageAlignment,
@@ -172,3 +173,22 @@ def test_dc_accuracy():
         acc.update(torch.tensor([0.2, 0.8]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="no predictions"):
         acc.compute()
+
+
+def test_dc_calibration_on_constructed_posteriors():
+    """Confident and right: ECE ~0; confident and half wrong: ECE ~0.5; uniform: NLL = log K."""
+    sharp = torch.log(torch.tensor([[0.98, 0.01, 0.01]] * 4))
+    cal = DCCalibration(num_candidates=3)
+    cal.update(sharp, 0)
+    good = cal.compute()
+    assert good["ece"] == pytest.approx(0.02, abs=1e-4) and good["true_prob"] == pytest.approx(0.98)
+    cal.reset()
+    cal.update(sharp, torch.tensor([0, 0, 1, 1]))
+    assert cal.compute()["ece"] == pytest.approx(0.48, abs=1e-4)
+    cal.reset()
+    uniform = torch.log(torch.full((5, 3), 1 / 3))
+    cal.update(uniform, 2)
+    out = cal.compute()
+    assert out["nll"] == pytest.approx(math.log(3)) and out["n"] == 5
+    with pytest.raises(ValueError, match=r"\[B, K\]"):
+        cal.update(torch.zeros(3), 0)

@@ -422,7 +422,7 @@ class Evaluator:
         import torch
 
         from conceptstream.data import load_images
-        from conceptstream.evaluation.metrics import DCAccuracy
+        from conceptstream.evaluation.metrics import DCAccuracy, DCCalibration
         from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
 
         pipe = stream.pipe
@@ -438,16 +438,21 @@ class Evaluator:
 
         concept_embeds = encode([self.concept_prompt(c, include_noun) for c in concepts])
         total = DCAccuracy()
+        calibration = DCCalibration(num_candidates=len(concepts) + 1)
         per_concept, confusion = [], []
         for i, c in enumerate(concepts):
             cond = torch.cat([encode([f"a photo of a {c.noun}"]), concept_embeds])  # [1 + N, L, D]
             latents, _ = stream.encode_images(load_images(c.eval_images(), stream.resolution))
-            preds = dc.classify(latents.to(stream.device), cond, seed=0, batch_size=self.s.dc_batch_size).cpu()
+            errors = dc.eval_errors_batched(latents.to(stream.device), cond, seed=0,
+                                            batch_size=self.s.dc_batch_size).cpu()
+            preds = errors.argmin(-1)
             target = i + 1
             total.update(preds, target)
+            calibration.update(dc.log_probs(errors), target)
             per_concept.append(float((preds == target).float().mean()))
             confusion.append(torch.bincount(preds, minlength=len(concepts) + 1).tolist())
         return {"accuracy": float(total.compute()), "per_concept": per_concept, "confusion": confusion,
+                "calibration": calibration.compute(),
                 "candidates": ["c_0 (a photo of a NOUN)"] + [c.token for c in concepts],
                 "images": [len(c.eval_images()) for c in concepts],
                 "eval_timesteps": self.s.dc_eval_timesteps, "dc": asdict(cfg)}
@@ -486,7 +491,8 @@ def _matrix_from_rows(rows: list[list[float | None]], n_tasks: int):
     return m
 
 
-def run_summary(matrices: Mapping[str, Any], dc_acc: float | None, tasks: list[dict]) -> dict[str, float | None]:
+def run_summary(matrices: Mapping[str, Any], dc_acc: float | None, tasks: list[dict],
+                dc_ece: float | None = None) -> dict[str, float | None]:
     """The headline numbers of one run (the keys of results.json's ``summary``)."""
     mmd = matrices["MMD"].summary(higher_is_better=False)
     out = {"A_MMD": mmd["final_average"], "BwT_MMD": mmd["backward_transfer"],
@@ -494,7 +500,7 @@ def run_summary(matrices: Mapping[str, Any], dc_acc: float | None, tasks: list[d
            "KID": matrices["KID"].summary(False)["final_average"],
            "I2I": matrices["I2I"].summary(True)["final_average"],
            "T2I": matrices["T2I"].summary(True)["final_average"] if matrices.get("T2I") is not None else None,
-           "DC_acc": dc_acc,
+           "DC_acc": dc_acc, "DC_ECE": dc_ece,
            "learn_seconds": sum(t.get("learn_seconds") or 0.0 for t in tasks)}
     return clean_json(out)
 
@@ -655,7 +661,7 @@ class BenchRun:
             "summaries": {k: (m.summary(METRICS[k]["higher_is_better"]) if m is not None else None)
                           for k, m in matrices.items()},
             "t2i": {"available": b.evaluator.t2i_available, "reason": b.evaluator.t2i_reason},
-            "dc": dc, "summary": run_summary(matrices, dc["accuracy"], tasks),
+            "dc": dc, "summary": run_summary(matrices, dc["accuracy"], tasks, dc["calibration"]["ece"]),
             "tasks": [{k: v for k, v in t.items()} for t in tasks], "multi": multi,
             "memory": memory_usage(),
         }
@@ -860,6 +866,8 @@ class Bench:
                              "plasticity_MMD": "mean_i M[i][i]", "KID": "mean_i M_KID[N][i]",
                              "I2I": "mean_i M_I2I[N][i]", "T2I": "mean_i M_T2I[N][i] (null without CLIP)",
                              "DC_acc": "DC accuracy of held-out real images after the last task",
+                             "DC_ECE": "expected calibration error (10 bins) of the DC posterior softmax(-errors / "
+                                       "dc_temperature) on the same images; 0 = confidence matches accuracy",
                              "learn_seconds": "training time of the whole stream"},
             "summary": summary,
             "runs": runs,

@@ -265,3 +265,46 @@ class DCAccuracy(Metric):
         if int(self.total) == 0:
             raise ValueError("DCAccuracy has no predictions; call update() first")
         return self.correct.to(torch.float64) / self.total
+
+
+class DCCalibration(Metric):
+    """How well DC posteriors match DC accuracy: ECE (10 bins, torchmetrics), NLL and the true class's probability.
+
+    ``update(log_probs, target)`` takes log-posteriors [B, K] (``DiffusionClassifier.log_probs`` of the
+    evaluation errors, so at the method's temperature) and the true candidate index (an int or [B]).
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, num_candidates: int, n_bins: int = 10, **kwargs: Any) -> None:
+        from torchmetrics.classification import MulticlassCalibrationError
+
+        super().__init__(**kwargs)
+        self.ece = MulticlassCalibrationError(num_classes=num_candidates, n_bins=n_bins, norm="l1")
+        self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("true_prob_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, log_probs: Tensor, target: Tensor | Sequence[int] | int) -> None:
+        log_probs = torch.as_tensor(log_probs, dtype=torch.float64).cpu()
+        if log_probs.ndim != 2:
+            raise ValueError(f"DCCalibration expects log-probabilities [B, K], got shape {tuple(log_probs.shape)}")
+        target = torch.as_tensor(target).reshape(-1).cpu()
+        if target.numel() == 1:
+            target = target.expand(log_probs.shape[0])
+        picked = log_probs.gather(1, target[:, None].long())[:, 0]
+        self.ece.update(log_probs.exp().float(), target.long())
+        self.nll_sum += -picked.sum()
+        self.true_prob_sum += picked.exp().sum()
+        self.total += target.numel()
+
+    def reset(self) -> None:
+        super().reset()
+        self.ece.reset()
+
+    def compute(self) -> dict[str, float]:
+        n = max(int(self.total), 1)
+        return {"ece": float(self.ece.compute()), "nll": float(self.nll_sum / n), "true_prob": float(self.true_prob_sum / n),
+                "n": int(self.total)}

@@ -27,6 +27,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, bool, int], ...] = (
     ("I2I", "I2I ↑", True, 3),
     ("T2I", "T2I ↑", True, 3),
     ("DC_acc", "DC acc ↑", True, 3),
+    ("DC_ECE", "DC ECE ↓", False, 3),
     ("learn_seconds", "train s", False, 0),
 )
 MATRIX_METRICS = ("MMD", "KID", "I2I", "T2I")

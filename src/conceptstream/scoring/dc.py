@@ -107,12 +107,15 @@ class DiffusionClassifier:
         return total / n
 
     @torch.no_grad()
+    def eval_errors_batched(self, latents: torch.Tensor, cond: torch.Tensor, seed: int = 0,
+                            batch_size: int = 8) -> torch.Tensor:
+        """:meth:`eval_errors` [B, K] for any number of images, ``batch_size`` images per UNet call."""
+        return torch.cat([self.eval_errors(latents[i : i + batch_size], cond, seed + i)
+                          for i in range(0, latents.shape[0], batch_size)])
+
     def classify(self, latents: torch.Tensor, cond: torch.Tensor, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
         """Predicted candidate index per image (evaluation mode)."""
-        preds = []
-        for i in range(0, latents.shape[0], batch_size):
-            preds.append(self.eval_errors(latents[i : i + batch_size], cond, seed + i).argmin(-1))
-        return torch.cat(preds)
+        return self.eval_errors_batched(latents, cond, seed, batch_size).argmin(-1)
 
 
 def candidate_subset(seen: int, target: int, k: int, generator: torch.Generator | None = None,
