@@ -179,8 +179,11 @@ def run(args: argparse.Namespace) -> int:
                            rank=args.rank, targets=args.targets, hparams=dict(args.hparams), device=args.device,
                            checkpoint_every=every, resume=args.resume, discard_checkpoint=args.discard_checkpoint,
                            mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing)
-        print(f"learned {report.token} ({report.noun}) as task {report.task_index} in {report.seconds:.0f}s; "
-              f"final loss {report.final_loss:.4f}; state saved to {args.state}")
+        from conceptstream.distributed import is_main_process
+
+        if is_main_process():  # under a multi-process launch only the main process saved the state
+            print(f"learned {report.token} ({report.noun}) as task {report.task_index} in {report.seconds:.0f}s; "
+                  f"final loss {report.final_loss:.4f}; state saved to {args.state}")
         return 0
     if args.command == "info":
         data = api.info(args.state)
