@@ -199,6 +199,7 @@ def test_results_json_has_summary_matrices_and_settings(bench_dir):
         cal = run["dc"]["calibration"]
         assert 0.0 <= cal["ece"] <= 1.0 and 0.0 <= cal["true_prob"] <= 1.0 and cal["nll"] >= 0.0
         assert s["DC_ECE"]["mean"] == pytest.approx(cal["ece"])
+        assert cal["best_temperature"] == pytest.approx(run["dc"]["dc"]["temperature"] / cal["best_logit_scale"])
         assert run["hparams"]["lr"] > 0 and run["config"]["steps"] == 2
         for t in run["tasks"]:
             assert t["eval_seconds"] > 0 and t["memory"]["peak_rss_mib"] > 0

@@ -190,5 +190,9 @@ def test_dc_calibration_on_constructed_posteriors():
     cal.update(uniform, 2)
     out = cal.compute()
     assert out["nll"] == pytest.approx(math.log(3)) and out["n"] == 5
+    cal.reset()  # right but unsure (0.5 on the true class): sharpening the logits lowers the NLL
+    cal.update(torch.log(torch.tensor([[0.5, 0.25, 0.25]] * 6)), 0)
+    out = cal.compute()
+    assert out["best_logit_scale"] > 5 and out["nll_at_best_scale"] < out["nll"]
     with pytest.raises(ValueError, match=r"\[B, K\]"):
         cal.update(torch.zeros(3), 0)

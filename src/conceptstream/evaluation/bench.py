@@ -451,8 +451,9 @@ class Evaluator:
             calibration.update(dc.log_probs(errors), target)
             per_concept.append(float((preds == target).float().mean()))
             confusion.append(torch.bincount(preds, minlength=len(concepts) + 1).tolist())
+        cal = calibration.compute()
         return {"accuracy": float(total.compute()), "per_concept": per_concept, "confusion": confusion,
-                "calibration": calibration.compute(),
+                "calibration": {**cal, "best_temperature": cfg.temperature / cal["best_logit_scale"]},
                 "candidates": ["c_0 (a photo of a NOUN)"] + [c.token for c in concepts],
                 "images": [len(c.eval_images()) for c in concepts],
                 "eval_timesteps": self.s.dc_eval_timesteps, "dc": asdict(cfg)}

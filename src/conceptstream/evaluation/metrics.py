@@ -272,6 +272,9 @@ class DCCalibration(Metric):
 
     ``update(log_probs, target)`` takes log-posteriors [B, K] (``DiffusionClassifier.log_probs`` of the
     evaluation errors, so at the method's temperature) and the true candidate index (an int or [B]).
+    ``compute`` also fits temperature scaling: ``best_logit_scale`` s minimises the NLL of
+    ``softmax(s * log_probs)``, so the best-calibrated temperature is ``temperature / s`` (s > 1: the
+    posteriors are under-confident).
     """
 
     is_differentiable = False
@@ -286,6 +289,8 @@ class DCCalibration(Metric):
         self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("true_prob_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("log_probs", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")
 
     def update(self, log_probs: Tensor, target: Tensor | Sequence[int] | int) -> None:
         log_probs = torch.as_tensor(log_probs, dtype=torch.float64).cpu()
@@ -299,6 +304,8 @@ class DCCalibration(Metric):
         self.nll_sum += -picked.sum()
         self.true_prob_sum += picked.exp().sum()
         self.total += target.numel()
+        self.log_probs.append(log_probs)
+        self.targets.append(target.long())
 
     def reset(self) -> None:
         super().reset()
@@ -306,5 +313,10 @@ class DCCalibration(Metric):
 
     def compute(self) -> dict[str, float]:
         n = max(int(self.total), 1)
-        return {"ece": float(self.ece.compute()), "nll": float(self.nll_sum / n), "true_prob": float(self.true_prob_sum / n),
-                "n": int(self.total)}
+        out = {"ece": float(self.ece.compute()), "nll": float(self.nll_sum / n),
+               "true_prob": float(self.true_prob_sum / n), "n": int(self.total)}
+        log_probs, targets = dim_zero_cat(self.log_probs), dim_zero_cat(self.targets)
+        scales = torch.logspace(-1, 2, 121, dtype=torch.float64)  # 0.1 ... 100
+        nll = torch.stack([-torch.log_softmax(s * log_probs, -1).gather(1, targets[:, None]).mean() for s in scales])
+        best = int(nll.argmin())
+        return {**out, "best_logit_scale": float(scales[best]), "nll_at_best_scale": float(nll[best])}
