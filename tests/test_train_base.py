@@ -54,3 +54,21 @@ def test_decoder_stage_keeps_the_encoder_and_latents(tmp_path):
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
     assert json.loads((tmp_path / "c-work" / "progress.json").read_text())["decoder_step"] == 3
+
+
+def test_latent_channels_build_train_and_must_match_on_resume(tmp_path):
+    """An 8-channel autoencoder + UNet train and export; resuming with another width is refused."""
+    import pytest
+
+    from conceptstream.errors import UserInputError
+
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, "c", latent_channels=8, decoder_steps=0, unet_steps=2)
+    out = BaseTrainer(cfg, progress=False).run()
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert pipe.vae.config.latent_channels == 8 and pipe.unet.config.in_channels == 8
+    assert pipe("a photo of a mug", num_inference_steps=2).images[0].size == (64, 64)
+    with pytest.raises(UserInputError, match="latent-channels 8"):
+        BaseTrainer(_cfg(tmp_path, "c", latent_channels=4), progress=False)
+    with pytest.raises(UserInputError, match="must match"):
+        BaseTrainer(_cfg(tmp_path, "d", init_from=str(out)), progress=False)

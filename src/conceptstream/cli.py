@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--decoder-steps", type=int, default=0,
                     help="adversarial decoder fine-tuning steps after the VAE (encoder frozen); off by default")
     wt.add_argument("--unet-steps", type=int, default=40000)
+    wt.add_argument("--latent-channels", type=int, default=4,
+                    help="VAE latent channels (UNet input/output); 4 as in SD 1.x, 8 keeps finer patterns")
     wt.add_argument("--batch-size", type=int, default=32)
     wt.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpoint + export) after this")
     wt.add_argument("--seed", type=int, default=0)
@@ -270,7 +272,7 @@ def _world(args: argparse.Namespace) -> int:
                                  images_per_class=args.images_per_class, vae_steps=args.vae_steps,
                                  decoder_steps=args.decoder_steps,
                                  unet_steps=args.unet_steps, batch_size=args.batch_size, max_minutes=args.max_minutes,
-                                 seed=args.seed, init_from=args.init_from)
+                                 seed=args.seed, init_from=args.init_from, latent_channels=args.latent_channels)
         out = BaseTrainer(cfg).run()
         print(f"exported model to {out}" if out else f"stopped early; resume with the same command ({args.workdir})")
         return 0

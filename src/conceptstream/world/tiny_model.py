@@ -110,16 +110,19 @@ def build_clip_tokenizer():
         )
 
 
-def build_components(seed: int = 0) -> dict:
-    """Freshly initialised components of the tiny pipeline (before base training)."""
+def build_components(seed: int = 0, latent_channels: int = 4) -> dict:
+    """Freshly initialised components of the tiny pipeline (before base training).
+
+    ``latent_channels`` (4 as in SD 1.x) sets the VAE's latent width and the UNet's input/output; more
+    channels let the autoencoder keep finer patterns at the same 16x16 latent size."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     return dict(
-        vae=AutoencoderKL(**VAE_CONFIG),
-        unet=UNet2DConditionModel(**UNET_CONFIG),
+        vae=AutoencoderKL(**{**VAE_CONFIG, "latent_channels": latent_channels}),
+        unet=UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": latent_channels, "out_channels": latent_channels}),
         text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
         tokenizer=build_clip_tokenizer(),
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG),

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from conceptstream.errors import UserInputError
 from conceptstream.safeio import (
     load_tensors,
     load_tensors_with_metadata,
@@ -43,6 +44,7 @@ class BaseTrainingConfig:
     unet_lr: float = 3e-4
     text_lr: float = 1e-4
     kl_weight: float = 1e-6
+    latent_channels: int = 4  # the bundled model's; 8 is the planned fix for the VAE ceiling (README)
     # Stage 2: sharpen the decoder with a patch discriminator, encoder frozen, so latents (and the
     # UNet trained on them) stay valid. L1/L2 alone leave textures and patterns blurred.
     decoder_steps: int = 0  # off: on the bundled model it lowered the VAE round-trip score (README)
@@ -124,12 +126,18 @@ class BaseTrainer:
         self.progress = progress
         self.workdir = Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.components = build_components(cfg.seed)
+        if cfg.latent_channels < 1:
+            raise UserInputError(f"--latent-channels must be >= 1, got {cfg.latent_channels}")
+        self.components = build_components(cfg.seed, cfg.latent_channels)
         self.state_path = self.workdir / "progress.json"
         self.state = {"vae_step": 0, "decoder_step": 0, "unet_step": 0, "wall_seconds": 0.0, "scaling_factor": None,
                       "config": asdict(cfg), "losses": {}}
         if self.state_path.exists():
             saved = json.loads(self.state_path.read_text())
+            had = saved.get("config", {}).get("latent_channels", 4)
+            if had != cfg.latent_channels:
+                raise UserInputError(f"{self.workdir} was trained with --latent-channels {had}, not "
+                                     f"{cfg.latent_channels}; resume with {had} or use a new --workdir")
             self.state.update({k: v for k, v in saved.items() if k != "config"})
         self._t0 = time.time()
         self._wall0 = self.state["wall_seconds"]
@@ -148,6 +156,9 @@ class BaseTrainer:
             raise FileNotFoundError(f"{folder} has no training.json; cannot continue training from it")
         info = json.loads(info_path.read_text())
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True)
+        if vae.config.latent_channels != self.cfg.latent_channels:
+            raise UserInputError(f"--init-from {folder} has {vae.config.latent_channels} latent channels but "
+                                 f"--latent-channels is {self.cfg.latent_channels}; they must match")
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
         text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True)
         save_tensors_atomic(vae.state_dict(), self.workdir / "vae.safetensors")
@@ -407,7 +418,7 @@ class BaseTrainer:
         ema = load_tensors(self.workdir / "ema.safetensors")
         from conceptstream.world.tiny_model import build_components
 
-        fresh = build_components(self.cfg.seed)
+        fresh = build_components(self.cfg.seed, self.cfg.latent_channels)
         unet, text = fresh["unet"], fresh["text_encoder"]
         unet.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")})
         text.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("text.")}, strict=False)
