@@ -33,7 +33,7 @@ for stage in $STAGES; do
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --sweep ewc_gamma=0.5 --out "$OUT/sweep-ewc-dc-gamma" ;;
     speed-levers)  # time of the same levers vs lora, 6 timed tasks so the DC candidate set fills up (k=5)
       $CS bench-speed --parts training --timed-tasks 6 --label levers --out "${SPEED_OUT:-benchmarks/results}" \
-        --methods "lora,ewc-dc,ewc-dc[dc_k=2],ewc-dc[dc_k=2,dc_batch=1],dsc-ewc-dc[dsc_iters=100],dsc-ewc-dc,dsc-ewc-dc[dc_k=2,dc_batch=1]" ;;
+        --methods "lora,ewc-dc,ewc-dc[dc_k=2],ewc-dc[dc_batch=1],ewc-dc[dc_k=2,dc_batch=1],dsc-ewc-dc,dsc-ewc-dc[dc_k=2,dc_batch=1]" ;;
     t6)
       $CS bench --sequence tabletop-6 --adapter lora --seeds 3 --out "$OUT/tabletop-6-lora" \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion ;;
