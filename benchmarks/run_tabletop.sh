@@ -26,14 +26,16 @@ for stage in $STAGES; do
       $CS bench --sequence tabletop-6 --methods lora-ewc --seeds 1 --sweep ewc_lambda=1,10,100,1000 --out "$OUT/sweep-lora-ewc-lambda" ;;
     sweep-dsc)
       $CS bench --sequence tabletop-6 --methods dsc-ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dsc_iters=25,100 --out "$OUT/sweep-dsc-iters" ;;
-    levers)  # quality of ewc-dc's speed levers (issue 6) and the Fisher decay gamma; dc_k=2 alone is sweep-ewc-dc-k
-      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --sweep dc_batch=1 --out "$OUT/sweep-ewc-dc-batch"
-      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --sweep fisher_passes=1 --out "$OUT/sweep-ewc-dc-fisher"
+    levers)  # quality of ewc-dc's speed levers (issue 6) and the Fisher decay gamma, from the paper's
+             # dc_k=5, dc_batch=2 (the defaults when these ran); dc_k=2 alone is sweep-ewc-dc-k
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --sweep dc_batch=1 --out "$OUT/sweep-ewc-dc-batch"
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --set dc_batch=2 --sweep fisher_passes=1 --out "$OUT/sweep-ewc-dc-fisher"
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=2 --sweep dc_batch=1 --out "$OUT/sweep-ewc-dc-k2-batch1"
-      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --sweep ewc_gamma=0.5 --out "$OUT/sweep-ewc-dc-gamma" ;;
-    speed-levers)  # time of the same levers vs lora, 6 timed tasks so the DC candidate set fills up (k=5)
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --set dc_batch=2 --sweep ewc_gamma=0.5 --out "$OUT/sweep-ewc-dc-gamma" ;;
+    speed-levers)  # time of the same levers vs lora (defaults dc_k=2, dc_batch=1; the paper's k=5, batch 2 and
+                   # the old dsc_iters=100 as variants), 6 timed tasks so a k=5 candidate set fills up
       $CS bench-speed --parts training --timed-tasks 6 --label levers --out "${SPEED_OUT:-benchmarks/results}" \
-        --methods "lora,ewc-dc,ewc-dc[dc_k=2],ewc-dc[dc_batch=1],ewc-dc[dc_k=2,dc_batch=1],dsc-ewc-dc,dsc-ewc-dc[dc_k=2,dc_batch=1]" ;;
+        --methods "lora,ewc-dc,ewc-dc[dc_k=5,dc_batch=2],ewc-dc[dc_k=5],ewc-dc[dc_batch=2],dsc-ewc-dc,dsc-ewc-dc[dc_k=5,dc_batch=2,dsc_iters=100]" ;;
     t6)
       $CS bench --sequence tabletop-6 --adapter lora --seeds 3 --out "$OUT/tabletop-6-lora" \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion ;;

@@ -262,6 +262,18 @@ def test_rerun_with_other_settings_is_refused(bench_dir, tiny_model):
     assert _mtimes(bench_dir) == before
 
 
+def test_rerun_after_a_default_changed_is_refused(bench_dir, tiny_model, monkeypatch):
+    """A finished run made under other library defaults is not silently reused."""
+    from conceptstream.methods.registry import get_method
+
+    before = _mtimes(bench_dir)
+    cls = get_method("lora")
+    monkeypatch.setattr(cls, "defaults", {**cls.defaults, "lr": cls.defaults.get("lr", 1e-3) * 2})
+    with pytest.raises(StateError, match="settings"):
+        _bench(bench_dir, tiny_model)
+    assert _mtimes(bench_dir) == before
+
+
 def test_keep_going_records_a_failed_run(tmp_path, tiny_model, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")

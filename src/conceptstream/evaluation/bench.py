@@ -530,7 +530,7 @@ class BenchRun:
         b, s = self.bench, self.bench.s
         return clean_json({
             "method": self.variant.method, "adapter": self.variant.adapter, "rank": s.rank, "targets": s.targets,
-            "hparams": self.hparams(), "steps": s.steps, "seed": self.seed,
+            "hparams": self.hparams(), "settings": self.effective_hparams(), "steps": s.steps, "seed": self.seed,
             "learn_seeds": "1000 * seed + task index",
             "model": b.model_info["fingerprint"], "data": {"tokens": [c.token for c in b.data.concepts],
                                             "fingerprint": b.data.fingerprint},
@@ -544,6 +544,13 @@ class BenchRun:
 
         known = get_method(self.variant.method).all_defaults()
         return {**{k: v for k, v in self.bench.s.hparams.items() if k in known}, **dict(self.variant.hparams)}
+
+    def effective_hparams(self) -> dict[str, Any]:
+        """Every method setting the run uses, defaults included: a saved run made under other defaults
+        (the library's defaults changed since) is refused rather than silently reused."""
+        from conceptstream.methods.registry import get_method
+
+        return {**get_method(self.variant.method).all_defaults(), **self.hparams()}
 
     def finished(self) -> dict[str, Any] | None:
         if not self.result_path.is_file():

@@ -22,7 +22,7 @@ from conceptstream.methods.ewc import (
 )
 
 # dc_temperature mirrors DCConfig.temperature so that --set/--sweep can reach it (the engine keeps both in step)
-DC_DEFAULTS = {"dc_delta": 0.1, "dc_k": 5, "dc_batch": 2, "dc_temperature": 0.005}
+DC_DEFAULTS = {"dc_delta": 0.1, "dc_k": 2, "dc_batch": 1, "dc_temperature": 0.005}
 DSC_DEFAULTS = {"dsc_iters": 25, "dsc_redraw_every": 1, "dsc_w_dc": 1.0, "dsc_w_eps": 1.0}
 
 
