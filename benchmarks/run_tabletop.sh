@@ -14,18 +14,19 @@ for stage in $STAGES; do
   case $stage in
     sweep)  # every sweep below, in order
       STAGES="sweep-ewc-dc sweep-c-lora sweep-lora-ewc sweep-dsc" OUT="$OUT" CS="$CS" bash "$0" ;;
-    sweep-ewc-dc)  # one seed each, coordinate-wise: lambda first, then the rest at the chosen lambda
+    sweep-ewc-dc)  # one seed each, coordinate-wise: lambda first, then the rest at the chosen lambda; the DC
+                   # settings pinned to the defaults of the time (dc_k=5, dc_batch=2) so the committed runs reproduce
             # (the default point of each later sweep is the dc_delta=0.1 run, so it is not repeated)
-      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --sweep ewc_lambda=0.1,1,10,100,1000 --out "$OUT/sweep-ewc-dc-lambda"
-      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_delta=0,0.1,1 --out "$OUT/sweep-ewc-dc-delta"
-      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_temperature=0.002,0.02 --out "$OUT/sweep-ewc-dc-tau"
-      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dc_k=2 --out "$OUT/sweep-ewc-dc-k" ;;
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --set dc_batch=2 --sweep ewc_lambda=0.1,1,10,100,1000 --out "$OUT/sweep-ewc-dc-lambda"
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --set dc_batch=2 --set ewc_lambda=100 --sweep dc_delta=0,0.1,1 --out "$OUT/sweep-ewc-dc-delta"
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --set dc_batch=2 --set ewc_lambda=100 --sweep dc_temperature=0.002,0.02 --out "$OUT/sweep-ewc-dc-tau"
+      $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --set dc_batch=2 --set ewc_lambda=100 --sweep dc_k=2 --out "$OUT/sweep-ewc-dc-k" ;;
     sweep-c-lora)
       $CS bench --sequence tabletop-6 --methods c-lora --seeds 1 --sweep clora_lambda=100,1000,10000,100000 --out "$OUT/sweep-c-lora-lambda" ;;
     sweep-lora-ewc)
       $CS bench --sequence tabletop-6 --methods lora-ewc --seeds 1 --sweep ewc_lambda=1,10,100,1000 --out "$OUT/sweep-lora-ewc-lambda" ;;
     sweep-dsc)
-      $CS bench --sequence tabletop-6 --methods dsc-ewc-dc --seeds 1 --set ewc_lambda=100 --sweep dsc_iters=25,100 --out "$OUT/sweep-dsc-iters" ;;
+      $CS bench --sequence tabletop-6 --methods dsc-ewc-dc --seeds 1 --set dc_k=5 --set dc_batch=2 --set ewc_lambda=100 --sweep dsc_iters=25,100 --out "$OUT/sweep-dsc-iters" ;;
     levers)  # quality of ewc-dc's speed levers (issue 6) and the Fisher decay gamma, from the paper's
              # dc_k=5, dc_batch=2 (the defaults when these ran); dc_k=2 alone is sweep-ewc-dc-k
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --sweep dc_batch=1 --out "$OUT/sweep-ewc-dc-batch"
