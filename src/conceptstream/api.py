@@ -114,7 +114,7 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
         with store.lock() if main else contextlib.nullcontext():
             if discard_checkpoint and main:
                 store.clear_checkpoint()
-            checkpoint = None if discard_checkpoint and not main else store.load_checkpoint()
+            checkpoint = None if discard_checkpoint else store.load_checkpoint()
             if checkpoint is not None and not resume:
                 i = checkpoint[1]
                 raise StateError(f"{state} has an interrupted task ({i.get('token')} {i.get('noun')}, step "

@@ -259,9 +259,9 @@ class ConceptStream:
         if resume is not None:
             self._check_resume_info(resume[1], token, noun, steps, seed, len(images))
         t0 = time.time()
-        rank = accelerator.process_index  # each process of a launch draws its own batches
+        process_seed = seed + RANK_SEED_STRIDE * accelerator.process_index  # each process draws its own batches
         progress = progress and accelerator.is_main_process
-        torch.manual_seed(seed + RANK_SEED_STRIDE * rank)
+        torch.manual_seed(process_seed)
         mean, std = self.encode_images(images)
         pipe, method = self.pipe, self.method
         (token_id,) = add_tokens(pipe.tokenizer, pipe.text_encoder, [token])
@@ -270,8 +270,7 @@ class ConceptStream:
         concepts = [*self.concept_infos(), ConceptInfo(token, noun, token_id, len(self.tokens))]
         ctx = TaskContext(unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                           scheduler=pipe.scheduler, dc=self.dc, concepts=concepts, latent_mean=mean,
-                          latent_std=std, generator=torch.Generator().manual_seed(seed + RANK_SEED_STRIDE * rank),
-                          device=self.device,
+                          latent_std=std, generator=torch.Generator().manual_seed(process_seed), device=self.device,
                           include_noun=method.include_noun, progress=progress)
         base_embedding = pipe.text_encoder.get_input_embeddings()
         wrapper = ConceptEmbedding(base_embedding, [token_id]) if method.trains_token else None

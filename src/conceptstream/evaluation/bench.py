@@ -87,7 +87,7 @@ def _now() -> str:
 # ------------------------------------------------------------------------------ variants / sweeps
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     text = text.strip()
     try:
         return json.loads(text)
@@ -104,7 +104,7 @@ def parse_sweep(text: str) -> tuple[str, list[Any]]:
     items = [v for v in values.split(",") if v.strip()]
     if not key or not items:
         raise UserInputError(f"--sweep {text!r}: give a setting name and at least one value, e.g. ewc_lambda=1,10")
-    return key, [_parse_value(v) for v in items]
+    return key, [parse_value(v) for v in items]
 
 
 def _format_value(value: Any) -> str:

@@ -265,7 +265,7 @@ def split_methods(text: str) -> list[str]:
 def parse_variant(label: str) -> tuple[str, dict[str, Any]]:
     """``"ewc-dc[dc_k=2,dc_batch=1]"`` -> ``("ewc-dc", {"dc_k": 2, "dc_batch": 1})``; a plain name has no settings."""
     from conceptstream.errors import UserInputError
-    from conceptstream.evaluation.bench import _parse_value
+    from conceptstream.evaluation.bench import parse_value
     from conceptstream.methods.registry import get_method, method_names
 
     match = re.fullmatch(r"\s*([\w-]+)\s*(?:\[(.*)\])?\s*", label)
@@ -280,7 +280,7 @@ def parse_variant(label: str) -> tuple[str, dict[str, Any]]:
         if key not in known or not value.strip():
             raise UserInputError(f"--methods {label!r}: {method} has no setting {key!r} or it has no value; "
                                  f"its settings: {', '.join(sorted(known))}")
-        hparams[key] = _parse_value(value)
+        hparams[key] = parse_value(value)
     return method, hparams
 
 
@@ -317,21 +317,21 @@ def timed_task(state: str, method: str, task: int, s: dict[str, Any]) -> dict[st
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    method, extra = parse_variant(method)  # before the clock: its lazy imports are not the task's cost
+    hparams = {**_hparams_for(method, s["method_hparams"]), **extra}
     rss_before = rss_mb()
     reset_ok = reset_peak_rss()
     t0 = time.perf_counter()
-    method, extra = parse_variant(method)
-    hparams = {**_hparams_for(method, s["method_hparams"]), **extra}
     report = api.learn(state, images, token=_token(task), noun=NOUNS[task % len(NOUNS)], method=method,
                        model=s["model"], steps=s["steps"], seed=task, adapter=_adapter_for(method, s["adapter"]),
                        hparams=(hparams or None) if task == 0 else None,
                        device=s["device"], progress=False, checkpoint_every=0)
     _sync(s["device"])
     wall = time.perf_counter() - t0
+    store = StateStore(state)
     out = {"task": task + 1, "wall_s": wall, "train_s": report.seconds, "rss_before_mb": rss_before,
-           "peak_rss_mb": peak_rss_mb(), "peak_rss_is_task_only": reset_ok,
-           "state_bytes": StateStore(state).size_bytes(),
-           "hyperparameters": StateStore(state).read_manifest()["method"]["hyperparameters"]}
+           "peak_rss_mb": peak_rss_mb(), "peak_rss_is_task_only": reset_ok, "state_bytes": store.size_bytes(),
+           "hyperparameters": store.read_manifest()["method"]["hyperparameters"]}
     if cuda:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
