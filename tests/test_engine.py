@@ -99,10 +99,11 @@ def test_dc_identical_candidates_share_noise_and_scores(base_pipe):
         t, noise = dc.sample_draw(z, g)
         err = dc.errors(z, cond, t, noise)
         assert err.shape == (3, 3)
-        # the same prompt at positions 0 and 2 sees the same (t, eps): identical errors and scores
-        assert torch.equal(err[:, 0], err[:, 2])
+        # the same prompt at positions 0 and 2 sees the same (t, eps): the same errors and scores, up to the
+        # float rounding of a batched matmul (rows at different batch positions may take other kernel paths)
+        torch.testing.assert_close(err[:, 0], err[:, 2], rtol=1e-5, atol=1e-7)
         logp = dc.log_probs(err)
-        assert torch.equal(logp[:, 0], logp[:, 2])
+        torch.testing.assert_close(logp[:, 0], logp[:, 2], rtol=1e-4, atol=1e-5)
         assert torch.allclose(logp.exp().sum(-1), torch.ones(3))
         assert torch.allclose(logp, torch.log_softmax(-err / 0.01, -1))
         assert not torch.equal(err[:, 0], err[:, 1])  # a different prompt scores differently
@@ -113,7 +114,7 @@ def test_dc_identical_candidates_share_noise_and_scores(base_pipe):
             torch.testing.assert_close(err[:, i], (pred - noise).pow(2).flatten(1).mean(1), rtol=1e-5, atol=1e-7)
         # evaluation mode: several stratified draws, still shared across candidates, seeded
         ev = dc.eval_errors(z, cond, seed=0)
-        assert torch.equal(ev[:, 0], ev[:, 2])
+        torch.testing.assert_close(ev[:, 0], ev[:, 2], rtol=1e-5, atol=1e-7)
         assert torch.equal(ev, dc.eval_errors(z, cond, seed=0))
         assert not torch.equal(ev, dc.eval_errors(z, cond, seed=1))
         assert dc.classify(z, cond, seed=0).tolist() == ev.argmin(-1).tolist()

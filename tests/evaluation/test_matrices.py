@@ -13,6 +13,7 @@ from conceptstream.evaluation.matrices import (
     backward_transfer,
     final_average,
     forgetting,
+    paired_differences,
     plasticity,
     summarize,
 )
@@ -98,3 +99,32 @@ def test_aggregate_over_seeds():
     assert aggregate_over_seeds([{"x": None}]) == {"x": {"mean": None, "std": None, "n": 0}}
     with pytest.raises(ValueError):
         aggregate_over_seeds([{"x": "high"}])
+
+
+def test_paired_differences_pair_by_seed_and_count_wins():
+    ref = {"0": {"A": 10.0, "acc": 0.5}, "1": {"A": 20.0, "acc": 0.6}, "2": {"A": 30.0, "acc": None}}
+    method = {"0": {"A": 8.0, "acc": 0.7}, "1": {"A": 19.0, "acc": 0.6}, "3": {"A": 1.0, "acc": 0.9}}
+    out = paired_differences(method, ref, {"A": False, "acc": True})
+    # seed 3 has no reference run and seed 2 none of the method's: only seeds 0 and 1 pair
+    assert out["A"]["n"] == 2 and out["A"]["mean"] == pytest.approx(-1.5) and out["A"]["std"] == pytest.approx(0.7071, abs=1e-4)
+    assert out["A"]["wins"] == 2  # lower is better and the method is lower on both seeds
+    assert out["acc"]["n"] == 2 and out["acc"]["wins"] == 1  # a tie is not a win
+    # the spread of the means overlaps, the paired difference does not: pairing is what separates them
+    assert out["A"]["mean"] + out["A"]["std"] < 0
+    none = paired_differences({"0": {"A": None}}, ref, {"A": False})
+    assert none["A"] == {"mean": None, "std": None, "n": 0, "wins": 0}
+
+
+def test_report_pairs_each_method_with_lora_on_the_same_seed():
+    from conceptstream.evaluation.report import paired_table
+
+    def run(a, bwt):
+        return {"summary": {"A_MMD": a, "BwT_MMD": bwt, "plasticity_MMD": a, "DC_acc": 0.5}}
+
+    doc = {"runs": {"ewc-dc": {"seeds": {"0": run(300.0, -1.0), "1": run(350.0, 0.0)}},
+                    "lora": {"seeds": {"0": run(310.0, -20.0), "1": run(370.0, -30.0)}}}}
+    lines = paired_table(doc)
+    assert lines[0].startswith("| method - `lora` |") and len(lines) == 3  # lora is the reference, not a row
+    assert "| `ewc-dc` | 2 | -15.0 ± 7.1 (2/2 better) | +24.5 ± 7.8 (2/2 better) |" in lines[2]
+    one_seed = {"runs": {lb: {"seeds": {"0": r["seeds"]["0"]}} for lb, r in doc["runs"].items()}}
+    assert paired_table(one_seed) == []  # one seed: nothing to pair beyond the summary table

@@ -213,3 +213,26 @@ def aggregate_over_seeds(summaries: Sequence[Mapping[str, float | None]]) -> dic
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
         out[key] = {"mean": mean, "std": std, "n": n}
     return out
+
+
+def paired_differences(method: Mapping[Any, Mapping[str, float | None]], reference: Mapping[Any, Mapping[str, float | None]],
+                       higher_is_better: Mapping[str, bool]) -> dict[str, dict[str, float | int | None]]:
+    """Per summary key: ``method - reference`` on each seed both ran, then mean, std (ddof=1) and
+    ``wins`` (seeds on which the method did strictly better).
+
+    Both arguments map seed -> that run's summary. In a bench every method of one seed shares the
+    learning seeds, data and generation seeds, so pairing removes the part of the seed-to-seed
+    spread that all methods share; a spread of means can hide a difference that holds on every seed.
+    """
+    out: dict[str, dict[str, float | int | None]] = {}
+    for key, higher in higher_is_better.items():
+        diffs = []
+        for seed, summary in method.items():
+            a = _finite(summary.get(key))
+            b = _finite((reference.get(seed) or {}).get(key))
+            if a is not None and b is not None:
+                diffs.append(a - b)
+        agg = aggregate_over_seeds([{key: d} for d in diffs])[key] if diffs else {"mean": None, "std": None, "n": 0}
+        agg["wins"] = sum(1 for d in diffs if (d > 0 if higher else d < 0))
+        out[key] = agg
+    return out

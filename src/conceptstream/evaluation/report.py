@@ -31,6 +31,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, bool, int], ...] = (
     ("learn_seconds", "train s", False, 0),
 )
 MATRIX_METRICS = ("MMD", "KID", "I2I", "T2I")
+PAIRED_KEYS = ("A_MMD", "BwT_MMD", "plasticity_MMD", "DC_acc")
 
 
 def _link(path: str) -> str:
@@ -96,6 +97,40 @@ def summary_table(doc: Mapping[str, Any]) -> list[str]:
             text = f"{mean:.{nd}f} ± {std:.{nd}f}" if spread else f"{mean:.{nd}f}"
             cells.append(f"**{text}**" if key in best and mean == best[key] else text)
         lines.append(f"| `{label}` | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_reference(doc: Mapping[str, Any]) -> str | None:
+    """What the other methods are paired with: sequential ``lora`` when it ran, else the first label."""
+    labels = list(doc.get("runs", {}))
+    return "lora" if "lora" in labels else (labels[0] if labels else None)
+
+
+def paired_table(doc: Mapping[str, Any]) -> list[str]:
+    """Each method minus the reference on the same seed (mean ± std over seeds, and on how many seeds
+    the method was better). Empty when no method shares two or more seeds with the reference."""
+    from conceptstream.evaluation.matrices import paired_differences
+
+    reference = paired_reference(doc)
+    if reference is None:
+        return []
+    higher = {key: hib for key, _, hib, _ in SUMMARY_COLUMNS if key in PAIRED_KEYS}
+    per_seed = {lb: {k: run.get("summary") or {} for k, run in r["seeds"].items()} for lb, r in doc["runs"].items()}
+    rows = {lb: paired_differences(seeds, per_seed[reference], higher)
+            for lb, seeds in per_seed.items() if lb != reference}
+    if not any((d.get("n") or 0) > 1 for diffs in rows.values() for d in diffs.values()):
+        return []
+    heads = {key: head for key, head, _, _ in SUMMARY_COLUMNS}
+    lines = [f"| method - `{reference}` | seeds | " + " | ".join(f"Δ {heads[k]}" for k in higher) + " |",
+             "|---|---|" + "---|" * len(higher)]
+    for lb, diffs in rows.items():
+        n = max(d["n"] for d in diffs.values())
+        cells = []
+        for key in higher:
+            d = diffs[key]
+            nd = 3 if key == "DC_acc" else 1
+            cells.append("n/a" if not d["n"] else f"{d['mean']:+.{nd}f} ± {d['std']:.{nd}f} ({d['wins']}/{d['n']} better)")
+        lines.append(f"| `{lb}` | {n} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -380,6 +415,12 @@ def write_report(doc: Mapping[str, Any], out: str | Path) -> Path:
            "the end), negative means forgetting; Forgetting = final score minus the best earlier score; "
            "Plasticity = mean score of each concept right after it was learned. Best mean in bold.", "",
            *summary_table(doc), ""]
+    paired = paired_table(doc)
+    if paired:
+        md += [f"### Paired with `{paired_reference(doc)}` (same seed)", "",
+               "Each method minus the reference on the same seed, so the spread that a seed gives every method "
+               "(shared data draws, learning and generation seeds) cancels; a difference that holds on every seed "
+               "is real even when the spreads in the table above overlap.", "", *paired, ""]
     if not doc.get("t2i", {}).get("available"):
         md += [f"T2I is not reported: {doc.get('t2i', {}).get('reason')}.", ""]
     if doc.get("failed"):
