@@ -1,0 +1,82 @@
+"""How the DC posterior's calibration depends on the number of noise draws averaged per image.
+
+Training scores each image with one (t, eps) draw; the bench's DC accuracy averages
+``dc_eval_timesteps`` (8) stratified draws. Averaging shrinks the noise in the error gaps, so the
+temperature that calibrates softmax(-errors / tau) shrinks with it. This script loads a learned
+state, classifies every concept's held-out images among c_0 + all concepts with 1, 2, 4, 8 draws,
+and reports accuracy, ECE, the mean true-concept probability and the best temperature (fitted by
+temperature scaling) for each.
+
+    python benchmarks/dc_calibration.py --state BENCH/runs/ewc-dc-lora/seed0/state \
+        --data BENCH/data/tabletop-6-6c-train12-eval12 [--draws 1,2,4,8] [--out dc-calibration.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from conceptstream.api import open_stream
+    from conceptstream.data import load_images
+    from conceptstream.evaluation.metrics import DCAccuracy, DCCalibration
+    from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
+    from conceptstream.world.folders import read_sequence
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--state", required=True, help="a learned stream (e.g. a bench run's state folder)")
+    p.add_argument("--data", required=True, help="the sequence folder it learned (held-out images in */eval)")
+    p.add_argument("--draws", default="1,2,4,8", help="comma-separated numbers of draws per image")
+    p.add_argument("--batch", type=int, default=4, help="images per UNet call (the bench's default)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    t0 = time.time()
+    stream = open_stream(args.state)
+    pipe = stream.pipe
+    concepts = read_sequence(args.data)[: len(stream.tokens)]
+
+    @torch.no_grad()
+    def encode(prompts: list[str]) -> torch.Tensor:
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(stream.device)
+        return pipe.text_encoder(ids)[0]
+
+    embeds = encode([f"a photo of a {c.token} {c.noun}" for c in concepts])
+    latents = [stream.encode_images(load_images(c.eval_images(), stream.resolution))[0] for c in concepts]
+    rows = []
+    for draws in [int(d) for d in args.draws.split(",")]:
+        cfg = DCConfig(**{**asdict(stream.settings.dc), "eval_timesteps": draws})
+        dc = DiffusionClassifier(pipe.unet, pipe.scheduler, cfg)
+        accuracy, calibration = DCAccuracy(), DCCalibration(num_candidates=len(concepts) + 1)
+        for i, c in enumerate(concepts):
+            cond = torch.cat([encode([f"a photo of a {c.noun}"]), embeds])
+            errors = dc.eval_errors_batched(latents[i].to(stream.device), cond, seed=0, batch_size=args.batch).cpu()
+            accuracy.update(errors.argmin(-1), i + 1)
+            calibration.update(dc.log_probs(errors), i + 1)
+        cal = calibration.compute()
+        row = {"draws": draws, "accuracy": float(accuracy.compute()), "ece": cal["ece"], "nll": cal["nll"],
+               "true_prob": cal["true_prob"], "temperature": cfg.temperature,
+               "best_temperature": cfg.temperature / cal["best_logit_scale"]}
+        rows.append(row)
+        print(f"draws {draws}: accuracy {row['accuracy']:.3f}  ECE {row['ece']:.3f}  true-concept prob "
+              f"{row['true_prob']:.3f}  best temperature {row['best_temperature']:.5f} (used: {cfg.temperature})",
+              flush=True)
+    doc = {"state": str(args.state), "data": str(args.data), "concepts": [c.token for c in concepts],
+           "images_per_concept": [len(c.eval_images()) for c in concepts], "method": stream.settings.method,
+           "rows": rows, "seconds": round(time.time() - t0, 1), "machine": platform.processor() or platform.machine(),
+           "torch": torch.__version__, "command": "python benchmarks/dc_calibration.py"}
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
