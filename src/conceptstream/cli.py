@@ -12,12 +12,10 @@ from pathlib import Path
 def _kv(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
+    from conceptstream.evaluation.bench import parse_value
+
     key, value = text.split("=", 1)
-    try:
-        parsed: object = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    return key.strip().replace("-", "_"), parsed
+    return key.strip().replace("-", "_"), parse_value(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

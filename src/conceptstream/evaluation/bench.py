@@ -88,6 +88,7 @@ def _now() -> str:
 
 
 def parse_value(text: str) -> Any:
+    """A setting's value from the command line: JSON when it parses (numbers, booleans, lists), else the string."""
     text = text.strip()
     try:
         return json.loads(text)
