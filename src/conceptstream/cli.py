@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--ddim-steps", type=int, default=None, help="sampler steps (default 30)")
     bp.add_argument("--guidance", type=float, default=5.0)
     bp.add_argument("--max-concepts", type=int, default=None, help="use only the first N concepts")
+    bp.add_argument("--eval-every", type=int, default=1, metavar="K",
+                    help="score all seen concepts only after every K-th task and the last (long streams; "
+                         "the new concept is scored after every task)")
     bp.add_argument("--stop-on-error", action="store_true", help="stop at the first failing run")
 
     dp = sub.add_parser("demo", help="learn a 3-concept tabletop stream with ewc-dc and write grids + a report")
@@ -206,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
                             features=args.features, model=args.model, device=args.device, rank=args.rank,
                             targets=args.targets, images_per_prompt=args.images_per_prompt,
                             ddim_steps=args.ddim_steps, guidance=args.guidance, max_concepts=args.max_concepts,
-                            keep_going=not args.stop_on_error)
+                            eval_every=args.eval_every, keep_going=not args.stop_on_error)
         print(format_summary(results))
         return 1 if results["failed"] else 0
     if args.command == "demo":

@@ -155,8 +155,8 @@ def test_cli_bench_is_a_thin_wrapper(monkeypatch, capsys):
     monkeypatch.setattr(bench_mod, "run_bench", fake)
     code = cli.main(["bench", "--sequence", "tabletop-6", "--methods", "lora,ewc-dc", "--adapter", "vera",
                      "--seeds", "2", "--out", "x", "--steps", "5", "--quick", "--sweep", "ewc_lambda=1,10",
-                     "--set", "dsc_iters=5", "--features", "efficientnet-lite0", "--model", "tiny"])
-    assert code == 0
+                     "--set", "dsc_iters=5", "--features", "efficientnet-lite0", "--model", "tiny", "--eval-every", "5"])
+    assert code == 0 and seen["eval_every"] == 5
     assert seen["out"] == "x" and seen["methods"] == "lora,ewc-dc" and seen["adapter"] == "vera"
     assert seen["seeds"] == 2 and seen["steps"] == 5 and seen["quick"] is True
     assert seen["sweep"] == ["ewc_lambda=1,10"] and seen["model"] == "tiny" and seen["keep_going"] is True
@@ -335,3 +335,25 @@ def test_t2i_uses_prompts_without_the_token_when_the_extractor_has_text(tmp_path
     stream = Stream()
     ev.score_concept(stream, 0, include_noun=False)  # C-LoRA's prompts carry no class noun
     assert stream.prompts[0] == f"a photo of a {c.token}"
+
+
+def test_eval_every_scores_the_new_concept_each_task_and_all_concepts_at_the_end(tmp_path, tiny_model):
+    # 3 concepts, full rows every 3rd task: after task 2 only concept 2 is scored (the diagonal)
+    doc = run_bench(tmp_path / "sparse", sequence="tabletop-3", methods=["lora"], quick=True, steps=2,
+                    model=tiny_model, max_concepts=3, eval_every=3, multi_pairs=0, progress=False,
+                    log=lambda line: None)
+    run = doc["runs"]["lora"]["seeds"]["0"]
+    mmd = run["matrices"]["MMD"]
+    assert mmd[1][0] is None and mmd[1][1] is not None  # sparse row: the new concept only
+    assert all(v is not None for v in mmd[2]) and mmd[0][0] is not None
+    assert run["config"]["eval_every"] == 3 and doc["settings"]["eval_every"] == 3
+    s = run["summary"]
+    assert s["A_MMD"] == pytest.approx(sum(mmd[2]) / 3)
+    assert s["plasticity_MMD"] == pytest.approx((mmd[0][0] + mmd[1][1] + mmd[2][2]) / 3)
+    assert s["forgetting_MMD"] == pytest.approx(((mmd[2][0] - mmd[0][0]) + (mmd[2][1] - mmd[1][1])) / 2)
+    assert run["tasks"][1]["samples"][0] is None and run["tasks"][1]["samples"][1]
+    assert (tmp_path / "sparse" / "report.md").is_file()
+    # a rerun with full rows is another experiment: refused, not mixed in
+    with pytest.raises(StateError, match="eval_every"):
+        run_bench(tmp_path / "sparse", sequence="tabletop-3", methods=["lora"], quick=True, steps=2,
+                  model=tiny_model, max_concepts=3, multi_pairs=0, progress=False, log=lambda line: None)

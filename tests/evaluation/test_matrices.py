@@ -128,3 +128,13 @@ def test_report_pairs_each_method_with_lora_on_the_same_seed():
     assert "| `ewc-dc` | 2 | -15.0 ± 7.1 (2/2 better) | +24.5 ± 7.8 (2/2 better) |" in lines[2]
     one_seed = {"runs": {lb: {"seeds": {"0": r["seeds"]["0"]}} for lb, r in doc["runs"].items()}}
     assert paired_table(one_seed) == []  # one seed: nothing to pair beyond the summary table
+
+
+def test_forgetting_uses_the_rows_that_were_scored():
+    # a bench with --eval-every 3 on 4 tasks: full rows after tasks 3 and 4, only the diagonal before
+    m = ContinualMatrix.from_list([[10.0], [None, 12.0], [8.0, 11.0, 9.0], [15.0, 13.0, 9.5, 7.0]])
+    # concept 0's best earlier score is 8 (row 2), not its diagonal 10; concept 1's is 11
+    assert forgetting(m) == pytest.approx(((15 - 8) + (13 - 11) + (9.5 - 9)) / 3)
+    assert backward_transfer(m) == pytest.approx(((10 - 15) + (12 - 13) + (9 - 9.5)) / 3)
+    with pytest.raises(ValueError, match=r"M\[3\]\[1\]"):  # the last row is still required
+        forgetting(ContinualMatrix.from_list([[10.0], [None, 12.0], [8.0, 11.0, 9.0], [15.0, None, 9.5, 7.0]]))

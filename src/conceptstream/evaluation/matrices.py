@@ -9,7 +9,8 @@ before it is learned), so the upper triangle holds NaN. With ``L = N - 1`` the l
   this is the paper's ``BwT_MMD``. A concept that got worse has M[L][i] > M[i][i], so **BwT < 0
   means forgetting**. For higher-is-better metrics (accuracy, CLIP similarity) the sign is flipped,
   BwT = mean_{i<L} (M[L][i] - M[i][i]) (Lopez-Paz & Ranzato), so BwT < 0 means forgetting there too.
-* ``forgetting``     F   = mean_{i<L} (M[L][i] - min_{i<=n<L} M[n][i])  for lower-is-better metrics,
+* ``forgetting``     F   = mean_{i<L} (M[L][i] - min_{i<=n<L} M[n][i])  for lower-is-better metrics
+  (over the rows that were scored),
   F = mean_{i<L} (max_{i<=n<L} M[n][i] - M[L][i]) for higher-is-better (Chaudhry et al.): how much
   worse each concept ends than its best earlier score; F > 0 means forgetting.
 
@@ -163,12 +164,16 @@ def backward_transfer(matrix: ContinualMatrix, higher_is_better: bool = False) -
 
 
 def forgetting(matrix: ContinualMatrix, higher_is_better: bool = False) -> float:
-    """F: how much worse each old concept ends than its best score before the last task (> 0 = forgot)."""
+    """F: how much worse each old concept ends than its best score before the last task (> 0 = forgot).
+
+    Needs the diagonal and the last row; other rows count where they were scored (a bench with
+    ``--eval-every K`` scores every concept only after every K-th task).
+    """
     last = matrix.num_tasks - 1
-    _require(matrix, [(n, i) for i in range(last) for n in range(i, last + 1)])
+    _require(matrix, [(i, i) for i in range(last)] + [(last, i) for i in range(last)])
     drops = []
     for i in range(last):
-        earlier = [matrix.get(n, i) for n in range(i, last)]
+        earlier = [v for v in (matrix.get(n, i) for n in range(i, last)) if not math.isnan(v)]
         final = matrix.get(last, i)
         drops.append(max(earlier) - final if higher_is_better else final - min(earlier))
     return _mean(drops)

@@ -200,10 +200,10 @@ def curves(doc: Mapping[str, Any], metric: str, path: Path) -> bool:
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for lb in labels:
         m = _mean_matrix(doc, lb, metric)
-        xs = list(range(1, len(m) + 1))
-        seen = [[v for v in row[: n + 1] if v is not None] for n, row in enumerate(m)]
-        left.plot(xs, [sum(r) / len(r) if r else math.nan for r in seen], marker="o", ms=3, label=lb)
-        right.plot(xs, [row[0] if row[0] is not None else math.nan for row in m], marker="o", ms=3, label=lb)
+        # only fully scored rows: a sparse row (bench --eval-every) holds just the newest concept
+        full = [n for n, row in enumerate(m) if all(v is not None for v in row[: n + 1])]
+        left.plot([n + 1 for n in full], [sum(m[n][: n + 1]) / (n + 1) for n in full], marker="o", ms=3, label=lb)
+        right.plot([n + 1 for n in full], [m[n][0] for n in full], marker="o", ms=3, label=lb)
     unit = "" if metric in ("I2I", "T2I") else " (x1e3)"
     left.set_title(f"{metric}{unit}: mean over concepts learned so far", fontsize=9)
     right.set_title(f"{metric}{unit} of concept 1 after each task", fontsize=9)
