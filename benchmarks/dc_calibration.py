@@ -3,9 +3,9 @@
 Training scores each image with one (t, eps) draw; the bench's DC accuracy averages
 ``dc_eval_timesteps`` (8) stratified draws. Averaging shrinks the noise in the error gaps, so the
 temperature that calibrates softmax(-errors / tau) shrinks with it. This script loads a learned
-state, classifies every concept's held-out images among c_0 + all concepts with 1, 2, 4, 8 draws,
-and reports accuracy, ECE, the mean true-concept probability and the best temperature (fitted by
-temperature scaling) for each.
+state and runs the bench's DC classification of every concept's held-out images among c_0 + all
+concepts with 1, 2, 4, 8 draws, reporting accuracy, ECE, the mean true-concept probability and the
+best temperature (fitted by temperature scaling) for each.
 
     python benchmarks/dc_calibration.py --state BENCH/runs/ewc-dc-lora/seed0/state \
         --data BENCH/data/tabletop-6-6c-train12-eval12 [--draws 1,2,4,8] [--out dc-calibration.json]
@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,9 +24,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> dict:
     from conceptstream.api import open_stream
-    from conceptstream.data import load_images
-    from conceptstream.evaluation.metrics import DCAccuracy, DCCalibration
-    from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
+    from conceptstream.evaluation.bench import dc_classification
     from conceptstream.world.folders import read_sequence
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,34 +37,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.time()
     stream = open_stream(args.state)
-    pipe = stream.pipe
     concepts = read_sequence(args.data)[: len(stream.tokens)]
-
-    @torch.no_grad()
-    def encode(prompts: list[str]) -> torch.Tensor:
-        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(stream.device)
-        return pipe.text_encoder(ids)[0]
-
-    embeds = encode([f"a photo of a {c.token} {c.noun}" for c in concepts])
-    latents = [stream.encode_images(load_images(c.eval_images(), stream.resolution))[0] for c in concepts]
     rows = []
     for draws in [int(d) for d in args.draws.split(",")]:
-        cfg = DCConfig(**{**asdict(stream.settings.dc), "eval_timesteps": draws})
-        dc = DiffusionClassifier(pipe.unet, pipe.scheduler, cfg)
-        accuracy, calibration = DCAccuracy(), DCCalibration(num_candidates=len(concepts) + 1)
-        for i, c in enumerate(concepts):
-            cond = torch.cat([encode([f"a photo of a {c.noun}"]), embeds])
-            errors = dc.eval_errors_batched(latents[i].to(stream.device), cond, seed=0, batch_size=args.batch).cpu()
-            accuracy.update(errors.argmin(-1), i + 1)
-            calibration.update(dc.log_probs(errors), i + 1)
-        cal = calibration.compute()
-        row = {"draws": draws, "accuracy": float(accuracy.compute()), "ece": cal["ece"], "nll": cal["nll"],
-               "true_prob": cal["true_prob"], "temperature": cfg.temperature,
-               "best_temperature": cfg.temperature / cal["best_logit_scale"]}
+        result = dc_classification(stream, concepts, stream.method.include_noun, draws, args.batch)
+        cal = result["calibration"]
+        row = {"draws": draws, "accuracy": result["accuracy"], "ece": cal["ece"], "nll": cal["nll"],
+               "true_prob": cal["true_prob"], "temperature": result["dc"]["temperature"],
+               "best_temperature": cal["best_temperature"]}
         rows.append(row)
         print(f"draws {draws}: accuracy {row['accuracy']:.3f}  ECE {row['ece']:.3f}  true-concept prob "
-              f"{row['true_prob']:.3f}  best temperature {row['best_temperature']:.5f} (used: {cfg.temperature})",
+              f"{row['true_prob']:.3f}  best temperature {row['best_temperature']:.5f} (used: {row['temperature']})",
               flush=True)
     doc = {"state": str(args.state), "data": str(args.data), "concepts": [c.token for c in concepts],
            "images_per_concept": [len(c.eval_images()) for c in concepts], "method": stream.settings.method,

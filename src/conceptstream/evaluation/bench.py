@@ -421,44 +421,51 @@ class Evaluator:
 
     def dc_accuracy(self, stream, include_noun: bool) -> dict[str, Any]:
         """DC classification of every concept's real held-out images among c_0 + all learned concepts."""
-        import torch
+        return dc_classification(stream, self.data.concepts, include_noun, self.s.dc_eval_timesteps,
+                                 self.s.dc_batch_size)
 
-        from conceptstream.data import load_images
-        from conceptstream.evaluation.metrics import DCAccuracy, DCCalibration
-        from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
 
-        pipe = stream.pipe
-        cfg = DCConfig(**{**asdict(stream.settings.dc), "eval_timesteps": self.s.dc_eval_timesteps})
-        dc = DiffusionClassifier(pipe.unet, pipe.scheduler, cfg)
-        concepts = self.data.concepts
+def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_timesteps: int,
+                      batch_size: int) -> dict[str, Any]:
+    """Classify each concept's held-out images among c_0 + all ``concepts`` with ``stream``'s DC,
+    averaging ``eval_timesteps`` draws per image: accuracy, per-concept accuracy, confusion, and the
+    calibration of the DC posterior at the stream's temperature."""
+    import torch
 
-        @torch.no_grad()
-        def encode(prompts: list[str]) -> torch.Tensor:
-            ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(stream.device)
-            return pipe.text_encoder(ids)[0]
+    from conceptstream.data import load_images
+    from conceptstream.evaluation.metrics import DCAccuracy, DCCalibration
+    from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
 
-        concept_embeds = encode([self.concept_prompt(c, include_noun) for c in concepts])
-        total = DCAccuracy()
-        calibration = DCCalibration(num_candidates=len(concepts) + 1)
-        per_concept, confusion = [], []
-        for i, c in enumerate(concepts):
-            cond = torch.cat([encode([f"a photo of a {c.noun}"]), concept_embeds])  # [1 + N, L, D]
-            latents, _ = stream.encode_images(load_images(c.eval_images(), stream.resolution))
-            errors = dc.eval_errors_batched(latents.to(stream.device), cond, seed=0,
-                                            batch_size=self.s.dc_batch_size).cpu()
-            preds = errors.argmin(-1)
-            target = i + 1
-            total.update(preds, target)
-            calibration.update(dc.log_probs(errors), target)
-            per_concept.append(float((preds == target).float().mean()))
-            confusion.append(torch.bincount(preds, minlength=len(concepts) + 1).tolist())
-        cal = calibration.compute()
-        return {"accuracy": float(total.compute()), "per_concept": per_concept, "confusion": confusion,
-                "calibration": {**cal, "best_temperature": cfg.temperature / cal["best_logit_scale"]},
-                "candidates": ["c_0 (a photo of a NOUN)"] + [c.token for c in concepts],
-                "images": [len(c.eval_images()) for c in concepts],
-                "eval_timesteps": self.s.dc_eval_timesteps, "dc": asdict(cfg)}
+    pipe = stream.pipe
+    cfg = DCConfig(**{**asdict(stream.settings.dc), "eval_timesteps": eval_timesteps})
+    dc = DiffusionClassifier(pipe.unet, pipe.scheduler, cfg)
+
+    @torch.no_grad()
+    def encode(prompts: list[str]) -> torch.Tensor:
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(stream.device)
+        return pipe.text_encoder(ids)[0]
+
+    concept_embeds = encode([Evaluator.concept_prompt(c, include_noun) for c in concepts])
+    total = DCAccuracy()
+    calibration = DCCalibration(num_candidates=len(concepts) + 1)
+    per_concept, confusion = [], []
+    for i, c in enumerate(concepts):
+        cond = torch.cat([encode([f"a photo of a {c.noun}"]), concept_embeds])  # [1 + N, L, D]
+        latents, _ = stream.encode_images(load_images(c.eval_images(), stream.resolution))
+        errors = dc.eval_errors_batched(latents.to(stream.device), cond, seed=0, batch_size=batch_size).cpu()
+        preds = errors.argmin(-1)
+        target = i + 1
+        total.update(preds, target)
+        calibration.update(dc.log_probs(errors), target)
+        per_concept.append(float((preds == target).float().mean()))
+        confusion.append(torch.bincount(preds, minlength=len(concepts) + 1).tolist())
+    cal = calibration.compute()
+    return {"accuracy": float(total.compute()), "per_concept": per_concept, "confusion": confusion,
+            "calibration": {**cal, "best_temperature": cfg.temperature / cal["best_logit_scale"]},
+            "candidates": ["c_0 (a photo of a NOUN)"] + [c.token for c in concepts],
+            "images": [len(c.eval_images()) for c in concepts],
+            "eval_timesteps": eval_timesteps, "dc": asdict(cfg)}
 
 
 def hstack(images: Sequence) -> Any:
