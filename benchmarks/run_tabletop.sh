@@ -8,7 +8,7 @@
 set -euo pipefail
 CS=${CS:-.venv/bin/conceptstream}
 OUT=${OUT:-bench}
-STAGES=${STAGES:-"sweep levers speed-levers t6 t6-vera t10 t50"}  # sweep = sweep-ewc-dc sweep-c-lora sweep-lora-ewc sweep-dsc
+STAGES=${STAGES:-"sweep levers sweep-lora-lr sweep-vera-lr speed-levers t6 t6-vera t10 t50"}  # sweep = sweep-ewc-dc sweep-c-lora sweep-lora-ewc sweep-dsc
 
 for stage in $STAGES; do
   case $stage in
@@ -40,9 +40,16 @@ for stage in $STAGES; do
     t6)
       $CS bench --sequence tabletop-6 --adapter lora --seeds 3 --out "$OUT/tabletop-6-lora" \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion ;;
-    t6-vera)
+    t6-vera)  # VeRA at its own default lr (1e-2)
       $CS bench --sequence tabletop-6 --adapter vera --seeds 3 --out "$OUT/tabletop-6-vera" \
         --methods lora,lora-ewc,ewc-dc,dsc,dsc-ewc-dc ;;
+    t6-vera-lr1e-3)  # the same at LoRA's lr, VeRA's default before the sweep below (made then without --set)
+      $CS bench --sequence tabletop-6 --adapter vera --seeds 3 --set lr=0.001 --out "$OUT/tabletop-6-vera-lr1e-3" \
+        --methods lora,lora-ewc,ewc-dc,dsc,dsc-ewc-dc ;;
+    sweep-lora-lr)  # is LoRA's 1e-3 too small a step? (one seed)
+      $CS bench --sequence tabletop-6 --adapter lora --methods lora,ewc-dc,c-lora --seeds 1 --sweep lr=0.003 --out "$OUT/sweep-lora-lr" ;;
+    sweep-vera-lr)  # VeRA's poor plasticity at LoRA's lr: a matter of step size? (one seed; chose VeRA's 1e-2)
+      $CS bench --sequence tabletop-6 --adapter vera --methods lora,ewc-dc --seeds 1 --sweep lr=0.003,0.01 --out "$OUT/sweep-vera-lr" ;;
     t10)
       $CS bench --sequence tabletop-10 --adapter lora --seeds 3 --out "$OUT/tabletop-10" \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc ;;

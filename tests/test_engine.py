@@ -7,6 +7,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -271,6 +272,29 @@ def test_clora_merged_weights_equal_base_plus_past_deltas(tmp_path, random_model
     again = api.open_stream(tmp_path / "state")
     live, reloaded = stream.pipe.unet.state_dict(), again.pipe.unet.state_dict()
     assert all(torch.equal(live[k], reloaded[k]) for k in live)
+
+
+# -- adapter learning rates ----------------------------------------------------------------------
+def test_adapter_kind_sets_the_default_learning_rate_and_a_saved_stream_keeps_its_own(tmp_path, bundled_model_path,
+                                                                                     concept_dirs):
+    from conceptstream.adapters.registry import ADAPTERS
+
+    assert ADAPTERS["vera"].default_lr > ADAPTERS["lora"].default_lr  # VeRA's vectors need the larger step
+    for adapter in ("lora", "vera"):
+        stream = _new_stream(bundled_model_path, "lora", adapter=adapter)
+        assert stream.method.hparams["lr"] == ADAPTERS[adapter].default_lr
+    explicit = _new_stream(bundled_model_path, "ewc-dc", adapter="vera", lr=3e-4, dc_temperature=0.01)
+    assert explicit.method.hparams["lr"] == 3e-4 and explicit.settings.dc.temperature == 0.01
+    # the optimizer really uses it
+    groups = explicit.method.trainable_groups(SimpleNamespace(unet=explicit.pipe.unet), None)
+    assert [g["lr"] for g in groups if g["name"] == "adapter"] == [3e-4]
+    # a stream saved under one rate keeps it, whatever the default is when it is reopened
+    stream = _new_stream(bundled_model_path, "lora", adapter="vera", lr=2e-3)
+    _learn(stream, concept_dirs[0], steps=1)
+    _commit(stream, tmp_path / "state")
+    assert api.open_stream(tmp_path / "state").method.hparams["lr"] == 2e-3
+    with pytest.raises(UserInputError, match="unknown adapter"):
+        _new_stream(bundled_model_path, "lora", adapter="dora")
 
 
 # -- save / load round trip ----------------------------------------------------------------------

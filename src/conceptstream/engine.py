@@ -19,7 +19,7 @@ from conceptstream.adapters.registry import AdapterSpec, adapter_state, attach_a
 from conceptstream.distributed import RANK_SEED_STRIDE, average_gradients, make_accelerator
 from conceptstream.errors import ConceptstreamError, StateError, UserInputError
 from conceptstream.methods.base import ConceptInfo, ContinualMethod, TaskContext
-from conceptstream.methods.registry import get_method
+from conceptstream.methods.registry import get_method, method_defaults
 from conceptstream.models.loading import load_pipeline, model_fingerprint
 from conceptstream.models.tokens import (
     ConceptEmbedding,
@@ -98,10 +98,10 @@ class ConceptStream:
         self.device = torch.device(device)
         self.model_ref = model_ref
         method_cls = get_method(settings.method)
-        hparams = dict(settings.hparams)
+        hparams = {**method_defaults(settings.method, settings.adapter.kind), **settings.hparams}
         if "dc_temperature" in method_cls.all_defaults():
             # one temperature: a method setting given by the user wins over the DC config
-            if "dc_temperature" in hparams:
+            if "dc_temperature" in settings.hparams:
                 settings.dc = replace(settings.dc, temperature=_positive_float("dc_temperature", hparams["dc_temperature"]))
             hparams["dc_temperature"] = settings.dc.temperature
         self.method: ContinualMethod = method_cls(**hparams)

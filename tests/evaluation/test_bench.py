@@ -123,6 +123,11 @@ def test_variants_labels_dirs_and_sweeps():
     assert vs[1].hparams == (("ewc_lambda", 1),)
     vera = expand_variants(["ewc-dc", "c-lora"], "vera")
     assert [v.label for v in vera] == ["ewc-dc-vera", "c-lora"]  # C-LoRA is defined on LoRA
+    # a run's recorded settings carry the adapter's learning rate (so runs under another default are refused)
+    from conceptstream.methods.registry import method_defaults
+
+    assert method_defaults("ewc-dc", "vera")["lr"] == 1e-2 and method_defaults("ewc-dc", "lora")["lr"] == 1e-3
+    assert method_defaults("custom-diffusion", None)["lr"] == 1e-4  # no adapter: the method's own rate
     with pytest.raises(UserInputError, match="no_such_setting"):
         expand_variants(["lora"], "lora", {"no_such_setting": [1]})
     with pytest.raises(UserInputError, match="unknown method"):

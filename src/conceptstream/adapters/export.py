@@ -80,7 +80,7 @@ def _export_vera(stream, folder: Path) -> list[Path]:
     from conceptstream.models.loading import resolve_model
 
     base = UNet2DConditionModel.from_pretrained(resolve_model(stream.model_ref), subfolder="unet", use_safetensors=True)
-    peft_model = get_peft_model(base, ADAPTERS["vera"](stream.settings.adapter))
+    peft_model = get_peft_model(base, ADAPTERS["vera"].build_config(stream.settings.adapter))
     state = adapter_state(stream.pipe.unet)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

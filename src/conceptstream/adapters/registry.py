@@ -10,6 +10,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -65,7 +66,26 @@ def _vera_config(spec: AdapterSpec):
                       save_projection=True, d_initial=0.1)
 
 
-ADAPTERS: dict[str, Callable] = {"lora": _lora_config, "vera": _vera_config}
+@dataclass(frozen=True)
+class AdapterKind:
+    """One tuner: how to build its peft config, and the learning rate its trainable part needs."""
+
+    build_config: Callable[[AdapterSpec], Any]
+    default_lr: float
+
+
+ADAPTERS: dict[str, AdapterKind] = {
+    "lora": AdapterKind(_lora_config, 1e-3),
+    # VeRA trains only per-layer scaling vectors over frozen random projections: at LoRA's rate it
+    # barely learns (tabletop-6 plasticity 385 at 1e-3 against 335 at 1e-2, docs/DEFAULTS.md).
+    "vera": AdapterKind(_vera_config, 1e-2),
+}
+
+
+def adapter_default_lr(kind: str) -> float:
+    """The adapter learning rate a method uses on this adapter kind unless ``lr`` is set."""
+    AdapterSpec(kind=kind).validate()
+    return ADAPTERS[kind].default_lr
 
 
 # VeRA's shared projections live on peft's tuner object, not in the layers' state; keep the tuner
@@ -78,7 +98,7 @@ def attach_adapter(unet, spec: AdapterSpec) -> None:
     spec.validate()
     unet.requires_grad_(False)
     torch.manual_seed(spec.seed)
-    config = ADAPTERS[spec.kind](spec)
+    config = ADAPTERS[spec.kind].build_config(spec)
     if spec.kind == "vera":
         from peft.tuners.vera import VeraModel
 

@@ -558,9 +558,9 @@ class BenchRun:
     def effective_hparams(self) -> dict[str, Any]:
         """Every method setting the run uses, defaults included: a saved run made under other defaults
         (the library's defaults changed since) is refused rather than silently reused."""
-        from conceptstream.methods.registry import get_method
+        from conceptstream.methods.registry import method_defaults
 
-        return {**get_method(self.variant.method).all_defaults(), **self.hparams()}
+        return {**method_defaults(self.variant.method, self.variant.adapter), **self.hparams()}
 
     def finished(self) -> dict[str, Any] | None:
         if not self.result_path.is_file():

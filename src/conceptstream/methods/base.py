@@ -175,7 +175,7 @@ class ContinualMethod:
 
 
 BASE_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-3,  # adapter learning rate (tiny model; SD LoRA commonly uses 1e-4)
+    "lr": 1e-3,  # adapter learning rate on LoRA; the adapter kind sets its own (methods.registry.method_defaults)
     "token_lr": 5e-3,
     "batch_size": 4,
 }

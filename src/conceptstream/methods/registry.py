@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from conceptstream.errors import UserInputError
 
 METHODS: dict[str, type] = {}
@@ -17,6 +19,18 @@ def get_method(name: str) -> type:
     if name not in METHODS:
         raise UserInputError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def method_defaults(name: str, adapter: str | None = "lora") -> dict[str, Any]:
+    """Every setting of a method with its default, where the adapter kind sets ``lr`` (VeRA's vectors
+    need a larger step than LoRA's matrices)."""
+    from conceptstream.adapters.registry import adapter_default_lr
+
+    cls = get_method(name)
+    defaults = cls.all_defaults()
+    if cls.uses_adapter and adapter is not None:
+        defaults["lr"] = adapter_default_lr(adapter)
+    return defaults
 
 
 def method_names() -> list[str]:
