@@ -230,6 +230,8 @@ def test_report_links_point_to_existing_files(bench_dir):
     assert "## Summary" in text and "`ewc-dc`" in text and "T2I is not reported" in text
     assert any("heatmap-MMD" in p for p in images) and any("grid-final" in p for p in images)
     assert any("multi/pair" in p for p in images)
+    settings_row = next(line for line in text.splitlines() if line.startswith("| `ewc-dc` | `"))
+    assert "`lr=0.001`" in settings_row and "`ewc_lambda=" in settings_row  # every setting, defaults included
 
 
 def test_rerun_skips_finished_runs(bench_dir, tiny_model, monkeypatch):

@@ -400,6 +400,18 @@ def _settings_lines(doc: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def method_settings_table(doc: Mapping[str, Any]) -> list[str]:
+    """Every setting each method ran with (its first seed's run config), defaults included: a reader
+    should not need the library version's defaults to know what a row means."""
+    rows = []
+    for label in doc["runs"]:
+        run = _first_seed(doc, label)
+        settings = (run or {}).get("config", {}).get("settings") or (run or {}).get("hparams")
+        if settings:
+            rows.append(f"| `{label}` | " + ", ".join(f"`{k}={v}`" for k, v in sorted(settings.items())) + " |")
+    return ["| method | settings |", "|---|---|", *rows] if rows else []
+
+
 def write_report(doc: Mapping[str, Any], out: str | Path) -> Path:
     """Write ``out/report.md`` (and figures under ``out/report/``) from a results document."""
     out = Path(out)
@@ -410,6 +422,9 @@ def write_report(doc: Mapping[str, Any], out: str | Path) -> Path:
     if not doc.get("complete"):
         md += ["> **Incomplete**: some runs have not finished or failed; numbers cover finished runs only.", ""]
     md += ["## Settings", "", *_settings_lines(doc), ""]
+    settings_table = method_settings_table(doc)
+    if settings_table:
+        md += ["### Method settings", "", *settings_table, ""]
     md += ["## Summary (mean ± std over seeds)", "",
            "A = average over all concepts after the last task; BwT = mean of (score when learned - score at "
            "the end), negative means forgetting; Forgetting = final score minus the best earlier score; "
