@@ -275,7 +275,7 @@ def test_rerun_after_a_default_changed_is_refused(bench_dir, tiny_model, monkeyp
 
     before = _mtimes(bench_dir)
     cls = get_method("lora")
-    monkeypatch.setattr(cls, "defaults", {**cls.defaults, "lr": cls.defaults.get("lr", 1e-3) * 2})
+    monkeypatch.setattr(cls, "defaults", {**cls.defaults, "token_lr": cls.defaults.get("token_lr", 5e-3) * 2})
     with pytest.raises(StateError, match="settings"):
         _bench(bench_dir, tiny_model)
     assert _mtimes(bench_dir) == before
