@@ -434,6 +434,8 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
 
     from conceptstream.data import load_images
     from conceptstream.evaluation.metrics import DCAccuracy, DCCalibration
+    from conceptstream.methods.base import TaskContext
+    from conceptstream.models.tokens import encode_prompts
     from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
 
     pipe = stream.pipe
@@ -442,16 +444,14 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
 
     @torch.no_grad()
     def encode(prompts: list[str]) -> torch.Tensor:
-        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(stream.device)
-        return pipe.text_encoder(ids)[0]
+        return encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, stream.device)
 
     concept_embeds = encode([Evaluator.concept_prompt(c, include_noun) for c in concepts])
     total = DCAccuracy()
     calibration = DCCalibration(num_candidates=len(concepts) + 1)
     per_concept, confusion = [], []
     for i, c in enumerate(concepts):
-        cond = torch.cat([encode([f"a photo of a {c.noun}"]), concept_embeds])  # [1 + N, L, D]
+        cond = torch.cat([encode([TaskContext.class_prompt(c.noun)]), concept_embeds])  # [1 + N, L, D]
         latents, _ = stream.encode_images(load_images(c.eval_images(), stream.resolution))
         errors = dc.eval_errors_batched(latents.to(stream.device), cond, seed=0, batch_size=batch_size).cpu()
         preds = errors.argmin(-1)

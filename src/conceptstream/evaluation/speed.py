@@ -410,6 +410,8 @@ def bench_dc(stream, s: SpeedSettings) -> dict[str, Any]:
     """DiffusionClassifier.errors / eval_errors vs a raw UNet forward on the same (B*K) batch."""
     import torch
 
+    from conceptstream.models.tokens import encode_prompts
+
     unet, dc, dev = stream.pipe.unet, stream.dc, stream.device
     b, k, n_t = s.dc_images, s.dc_candidates, s.dc_timesteps
     cfg = unet.config
@@ -417,11 +419,8 @@ def bench_dc(stream, s: SpeedSettings) -> dict[str, Any]:
     shape = (b, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     latents = torch.randn(shape, generator=g).to(dev, unet.dtype)
     prompts = [f"a photo of a {NOUNS[i % len(NOUNS)]}" for i in range(k)]
-    tok = stream.pipe.tokenizer
     with torch.no_grad():  # cached candidate embeddings, as callers do for fixed prompts
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(dev)
-        cond = stream.pipe.text_encoder(ids)[0].to(unet.dtype)
+        cond = encode_prompts(stream.pipe.tokenizer, stream.pipe.text_encoder, prompts, dev).to(unet.dtype)
     draws = [(torch.randint(0, dc.num_train_timesteps, (b,), generator=g).to(dev),
               torch.randn(shape, generator=g).to(dev, unet.dtype)) for _ in range(n_t)]
     raw_inputs = [(dc.noisy(latents, t, e).repeat_interleave(k, 0), t.repeat_interleave(k, 0),

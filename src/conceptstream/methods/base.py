@@ -62,9 +62,9 @@ class TaskContext:
         return f"a photo of a {noun}"
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        from conceptstream.models.tokens import encode_prompts
+
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
 
     def fixed_embedding(self, prompt: str) -> torch.Tensor:
         """Embeddings of prompts that cannot change during the task (cached, no grad)."""

@@ -45,6 +45,13 @@ class ConceptEmbedding(nn.Module):
         return self.base
 
 
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    """CLIP hidden states ``[len(prompts), max_length, dim]`` for prompts padded as Stable Diffusion pads them."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
 def check_new_token(tokenizer, token: str) -> None:
     """Refuse tokens that already exist (in the vocabulary or the stream)."""
     validate_token(token)
