@@ -8,7 +8,7 @@
 set -euo pipefail
 CS=${CS:-.venv/bin/conceptstream}
 OUT=${OUT:-bench}
-STAGES=${STAGES:-"sweep levers sweep-lora-lr sweep-vera-lr speed-levers t6 t6-vera t10 t50"}  # sweep = sweep-ewc-dc sweep-c-lora sweep-lora-ewc sweep-dsc
+STAGES=${STAGES:-"sweep levers sweep-lora-lr sweep-vera-lr sweep-c-lora-lr speed-levers t6 t6-vera t10 t50"}  # sweep = sweep-ewc-dc sweep-c-lora sweep-lora-ewc sweep-dsc
 
 for stage in $STAGES; do
   case $stage in
@@ -50,6 +50,8 @@ for stage in $STAGES; do
       $CS bench --sequence tabletop-6 --adapter lora --methods lora,ewc-dc,c-lora --seeds 1 --sweep lr=0.003 --out "$OUT/sweep-lora-lr" ;;
     sweep-vera-lr)  # VeRA's poor plasticity at LoRA's lr: a matter of step size? (one seed; chose VeRA's 1e-2)
       $CS bench --sequence tabletop-6 --adapter vera --methods lora,ewc-dc --seeds 1 --sweep lr=0.003,0.01 --out "$OUT/sweep-vera-lr" ;;
+    sweep-c-lora-lr)  # C-LoRA at lr 3e-3 on 3 seeds: was it under-tuned at the shared 1e-3? (seed 0 is also in sweep-lora-lr)
+      $CS bench --sequence tabletop-6 --adapter lora --methods c-lora --seeds 3 --sweep lr=0.003 --out "$OUT/sweep-c-lora-lr" ;;
     t10)
       $CS bench --sequence tabletop-10 --adapter lora --seeds 3 --out "$OUT/tabletop-10" \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc ;;

@@ -422,11 +422,11 @@ class Evaluator:
     def dc_accuracy(self, stream, include_noun: bool) -> dict[str, Any]:
         """DC classification of every concept's real held-out images among c_0 + all learned concepts."""
         return dc_classification(stream, self.data.concepts, include_noun, self.s.dc_eval_timesteps,
-                                 self.s.dc_batch_size)
+                                 self.s.dc_batch_size, progress=self.s.progress)
 
 
 def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_timesteps: int,
-                      batch_size: int) -> dict[str, Any]:
+                      batch_size: int, progress: bool = False) -> dict[str, Any]:
     """Classify each concept's held-out images among c_0 + all ``concepts`` with ``stream``'s DC,
     averaging ``eval_timesteps`` draws per image: accuracy, per-concept accuracy, confusion, and the
     calibration of the DC posterior at the stream's temperature."""
@@ -450,7 +450,8 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
     total = DCAccuracy()
     calibration = DCCalibration(num_candidates=len(concepts) + 1)
     per_concept, confusion = [], []
-    for i, c in enumerate(concepts):
+    # one bar step per concept: on tabletop-50 this is 600 images x 51 candidates, minutes of silence otherwise
+    for i, c in enumerate(_tqdm(concepts, desc="DC classification", disable=not progress)):
         cond = torch.cat([encode([TaskContext.class_prompt(c.noun)]), concept_embeds])  # [1 + N, L, D]
         latents, _ = stream.encode_images(load_images(c.eval_images(), stream.resolution))
         errors = dc.eval_errors_batched(latents.to(stream.device), cond, seed=0, batch_size=batch_size).cpu()
