@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     concepts = read_sequence(args.data)[: len(stream.tokens)]
     rows = []
     for draws in [int(d) for d in args.draws.split(",")]:
-        result = dc_classification(stream, concepts, stream.method.include_noun, draws, args.batch)
+        result = dc_classification(stream, concepts, stream.method.include_noun, draws, args.batch, progress=True)
         cal = result["calibration"]
         row = {"draws": draws, "accuracy": result["accuracy"], "ece": cal["ece"], "nll": cal["nll"],
                "true_prob": cal["true_prob"], "temperature": result["dc"]["temperature"],

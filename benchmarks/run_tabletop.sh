@@ -21,8 +21,8 @@ for stage in $STAGES; do
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --set dc_batch=2 --set ewc_lambda=100 --sweep dc_delta=0,0.1,1 --out "$OUT/sweep-ewc-dc-delta"
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --set dc_batch=2 --set ewc_lambda=100 --sweep dc_temperature=0.002,0.02 --out "$OUT/sweep-ewc-dc-tau"
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --set dc_batch=2 --set ewc_lambda=100 --sweep dc_k=2 --out "$OUT/sweep-ewc-dc-k" ;;
-    sweep-c-lora)
-      $CS bench --sequence tabletop-6 --methods c-lora --seeds 1 --sweep clora_lambda=100,1000,10000,100000 --out "$OUT/sweep-c-lora-lambda" ;;
+    sweep-c-lora)  # at lr 1e-3, c-lora's rate when this ran (its default is 3e-3 since sweep-c-lora-lr)
+      $CS bench --sequence tabletop-6 --methods c-lora --seeds 1 --set lr=0.001 --sweep clora_lambda=100,1000,10000,100000 --out "$OUT/sweep-c-lora-lambda" ;;
     sweep-lora-ewc)
       $CS bench --sequence tabletop-6 --methods lora-ewc --seeds 1 --sweep ewc_lambda=1,10,100,1000 --out "$OUT/sweep-lora-ewc-lambda" ;;
     sweep-dsc)
@@ -50,7 +50,8 @@ for stage in $STAGES; do
       $CS bench --sequence tabletop-6 --adapter lora --methods lora,ewc-dc,c-lora --seeds 1 --sweep lr=0.003 --out "$OUT/sweep-lora-lr" ;;
     sweep-vera-lr)  # VeRA's poor plasticity at LoRA's lr: a matter of step size? (one seed; chose VeRA's 1e-2)
       $CS bench --sequence tabletop-6 --adapter vera --methods lora,ewc-dc --seeds 1 --sweep lr=0.003,0.01 --out "$OUT/sweep-vera-lr" ;;
-    sweep-c-lora-lr)  # C-LoRA at lr 3e-3 on 3 seeds: was it under-tuned at the shared 1e-3? (seed 0 is also in sweep-lora-lr)
+    sweep-c-lora-lr)  # C-LoRA at lr 3e-3 on 3 seeds: was it under-tuned at the shared 1e-3? (seed 0 is also in sweep-lora-lr;
+                      # chose c-lora's own default 3e-3, so t6's c-lora row reproduces these runs)
       $CS bench --sequence tabletop-6 --adapter lora --methods c-lora --seeds 3 --sweep lr=0.003 --out "$OUT/sweep-c-lora-lr" ;;
     t10)
       $CS bench --sequence tabletop-10 --adapter lora --seeds 3 --out "$OUT/tabletop-10" \

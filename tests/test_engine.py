@@ -295,6 +295,13 @@ def test_adapter_kind_sets_the_default_learning_rate_and_a_saved_stream_keeps_it
     assert api.open_stream(tmp_path / "state").method.hparams["lr"] == 2e-3
     with pytest.raises(UserInputError, match="unknown adapter"):
         _new_stream(bundled_model_path, "lora", adapter="dora")
+    # a method with its own rate for an adapter kind (C-LoRA, tuned on tabletop-6) overrides the kind's
+    from conceptstream.methods.c_lora import CLoRA
+
+    assert _new_stream(bundled_model_path, "c-lora").method.hparams["lr"] == CLoRA.adapter_lr["lora"] != 1e-3
+    assert _new_stream(bundled_model_path, "c-lora", lr=1e-3).method.hparams["lr"] == 1e-3
+    with pytest.raises(UserInputError, match="'c-lora' is defined on lora adapters.*--adapter lora"):
+        _new_stream(bundled_model_path, "c-lora", adapter="vera")
 
 
 # -- save / load round trip ----------------------------------------------------------------------

@@ -121,8 +121,8 @@ class ConceptStream:
     def new(cls, model: str | None = "tiny", settings: StreamSettings | None = None, device: str = "cpu",
             dtype: torch.dtype = torch.float32) -> ConceptStream:
         settings = settings or StreamSettings()
-        get_method(settings.method)  # fail fast on unknown names
         settings.adapter.validate()
+        method_defaults(settings.method, settings.adapter.kind)  # fail fast: unknown method, or not on this adapter
         pipe = load_pipeline(model, dtype=dtype, device=device)
         ref = str(model or "tiny")
         manifest = {

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from conceptstream.errors import StateError, UserInputError
+from conceptstream.methods.registry import fixed_adapter
 
 RESULTS_FORMAT = "conceptstream-bench"
 FORMAT_VERSION = 1
@@ -53,8 +54,6 @@ DEFAULT_METHODS = ("lora", "lora-ewc", "c-lora", "ewc-dc", "dsc", "dsc-ewc-dc", 
                    "textual-inversion")
 # Backgrounds of the tabletop world; they read naturally for any object photo.
 DEFAULT_CONTEXTS = ("on grass", "on a wooden table")
-# Methods defined on one adapter kind regardless of --adapter (C-LoRA's locked buffer is LoRA's B A).
-FIXED_ADAPTER = {"c-lora": "lora"}
 
 METRICS: dict[str, dict[str, Any]] = {
     "MMD": {"higher_is_better": False, "scale": 1e3,
@@ -157,7 +156,7 @@ def expand_variants(methods: Sequence[str], adapter: str = "lora",
     variants: list[Variant] = []
     for m in seen:
         cls = get_method(m)
-        kind = (FIXED_ADAPTER.get(m, adapter)) if cls.uses_adapter else None
+        kind = fixed_adapter(m) or adapter if cls.uses_adapter else None
         keys = [k for k in sweep if k in cls.all_defaults()]
         used.update(keys)
         if not keys:
@@ -887,7 +886,7 @@ class Bench:
                 "multi_pairs": s.multi_pairs, "eval_every": s.eval_every,
                 "train_views": s.train_views if self.data.named else None,
                 "eval_views": s.eval_views if self.data.named else None, "max_concepts": s.max_concepts,
-                "fixed_adapter": {m: a for m, a in FIXED_ADAPTER.items() if m in s.methods},
+                "fixed_adapter": {m: fixed_adapter(m) for m in s.methods if fixed_adapter(m)},
             },
             "metrics": METRICS,
             "t2i": {"available": ev.t2i_available, "reason": ev.t2i_reason},

@@ -45,7 +45,6 @@ from typing import Any
 RESULTS_FORMAT = "conceptstream-speed"
 FORMAT_VERSION = 1
 NOUNS = ("mug", "teddy bear", "bowl", "duck", "chair", "lamp", "bottle", "car", "sofa", "plant", "clock", "cube")
-FIXED_ADAPTER = {"c-lora": "lora"}  # C-LoRA's locked buffer is LoRA's B A whatever --adapter says
 GENERATE_TARGET = 1.05
 DC_TARGET = 0.9
 SPEED_PARTS = ("training", "dc", "generate", "size")
@@ -285,7 +284,9 @@ def parse_variant(label: str) -> tuple[str, dict[str, Any]]:
 
 
 def _adapter_for(method: str, adapter: str) -> str:
-    return FIXED_ADAPTER.get(method, adapter)
+    from conceptstream.methods.registry import fixed_adapter
+
+    return fixed_adapter(method) or adapter
 
 
 # -- 1. training (worker side) ------------------------------------------------------------------

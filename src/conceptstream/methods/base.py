@@ -109,6 +109,10 @@ class ContinualMethod:
     # How the method's saved state grows with the number of tasks (documented in `info`).
     state_growth: ClassVar[str] = "none beyond one token row per concept"
     defaults: ClassVar[dict[str, Any]] = {}
+    # A method whose best adapter step differs from the adapter kind's default, by adapter kind.
+    adapter_lr: ClassVar[dict[str, float]] = {}
+    # The adapter kinds the method is defined on (None: any registered kind).
+    adapter_kinds: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, **hparams: Any) -> None:
         unknown = set(hparams) - set(self.all_defaults())

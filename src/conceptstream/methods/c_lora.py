@@ -42,6 +42,9 @@ class CLoRA(ContinualMethod):
     include_noun = False
     state_growth = "one LoRA (rank r) per task: the locked past updates"
     defaults = {"clora_lambda": 1e3}  # measured on tabletop-6 (docs/DEFAULTS.md); 1e4 and up collapse the new LoRA
+    # 3x the shared LoRA rate: better A_MMD on 3/3 tabletop-6 seeds (benchmarks/results/sweeps/c-lora-lr/)
+    adapter_lr = {"lora": 3e-3}
+    adapter_kinds = ("lora",)  # its penalty is on the dense B @ A products of past LoRAs
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)

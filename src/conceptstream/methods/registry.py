@@ -23,14 +23,24 @@ def get_method(name: str) -> type:
 
 def method_defaults(name: str, adapter: str | None = "lora") -> dict[str, Any]:
     """Every setting of a method with its default, where the adapter kind sets ``lr`` (VeRA's vectors
-    need a larger step than LoRA's matrices)."""
+    need a larger step than LoRA's matrices) unless the method has its own rate for that kind."""
     from conceptstream.adapters.registry import adapter_default_lr
 
     cls = get_method(name)
     defaults = cls.all_defaults()
     if cls.uses_adapter and adapter is not None:
-        defaults["lr"] = adapter_default_lr(adapter)
+        if cls.adapter_kinds is not None and adapter not in cls.adapter_kinds:
+            raise UserInputError(f"method {name!r} is defined on {' or '.join(cls.adapter_kinds)} adapters, not "
+                                 f"{adapter!r}; use --adapter {cls.adapter_kinds[0]} or another method")
+        defaults["lr"] = cls.adapter_lr.get(adapter) or adapter_default_lr(adapter)
     return defaults
+
+
+def fixed_adapter(name: str) -> str | None:
+    """The adapter kind a method runs on whatever ``--adapter`` says, where it is defined on one kind
+    only (C-LoRA's locked buffer is LoRA's B A); None where it follows ``--adapter``."""
+    kinds = get_method(name).adapter_kinds
+    return kinds[0] if kinds is not None and len(kinds) == 1 else None
 
 
 def method_names() -> list[str]:
