@@ -32,7 +32,7 @@ def method_defaults(name: str, adapter: str | None = "lora") -> dict[str, Any]:
         if cls.adapter_kinds is not None and adapter not in cls.adapter_kinds:
             raise UserInputError(f"method {name!r} is defined on {' or '.join(cls.adapter_kinds)} adapters, not "
                                  f"{adapter!r}; use --adapter {cls.adapter_kinds[0]} or another method")
-        defaults["lr"] = cls.adapter_lr.get(adapter) or adapter_default_lr(adapter)
+        defaults["lr"] = cls.adapter_lr[adapter] if adapter in cls.adapter_lr else adapter_default_lr(adapter)
     return defaults
 
 
