@@ -27,6 +27,8 @@ for stage in $STAGES; do
       $CS bench --sequence tabletop-6 --methods lora-ewc --seeds 1 --sweep ewc_lambda=1,10,100,1000 --out "$OUT/sweep-lora-ewc-lambda" ;;
     sweep-dsc)
       $CS bench --sequence tabletop-6 --methods dsc-ewc-dc --seeds 1 --set dc_k=5 --set dc_batch=2 --set ewc_lambda=100 --sweep dsc_iters=25,100 --out "$OUT/sweep-dsc-iters" ;;
+    sweep-dsc-alone)  # dsc without EWC was erratic in t6 (seed 1 forgot); dsc_iters=25 was chosen on dsc-ewc-dc only
+      $CS bench --sequence tabletop-6 --methods dsc --seeds 3 --sweep dsc_iters=100 --out "$OUT/sweep-dsc-alone" ;;
     levers)  # quality of ewc-dc's speed levers (issue 6) and the Fisher decay gamma, from the paper's
              # dc_k=5, dc_batch=2 (the defaults when these ran); dc_k=2 alone is sweep-ewc-dc-k
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --sweep dc_batch=1 --out "$OUT/sweep-ewc-dc-batch"
