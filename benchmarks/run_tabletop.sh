@@ -8,7 +8,7 @@
 set -euo pipefail
 CS=${CS:-.venv/bin/conceptstream}
 OUT=${OUT:-bench}
-STAGES=${STAGES:-"sweep levers sweep-lora-lr sweep-vera-lr sweep-c-lora-lr speed-levers t6 t6-vera t10 t50"}  # sweep = sweep-ewc-dc sweep-c-lora sweep-lora-ewc sweep-dsc
+STAGES=${STAGES:-"sweep levers sweep-lora-lr sweep-vera-lr sweep-c-lora-lr sweep-dsc-alone speed-levers t6 t6-vera t10 t50"}  # sweep = sweep-ewc-dc sweep-c-lora sweep-lora-ewc sweep-dsc
 
 for stage in $STAGES; do
   case $stage in
