@@ -296,6 +296,14 @@ def test_keep_going_records_a_failed_run(tmp_path, tiny_model, monkeypatch):
     assert "Failed runs" in (out / "report.md").read_text()
 
 
+def test_a_method_list_as_typed_on_the_command_line_records_the_fixed_adapter(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(api, "learn", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not needed")))
+    results = run_bench(tmp_path / "b", sequence="tabletop-3", methods="lora, c-lora", adapter="vera", quick=True,
+                        steps=2, model=tiny_model, progress=False, log=lambda line: None)
+    assert results["settings"]["methods"] == ["lora-vera", "c-lora"]
+    assert results["settings"]["fixed_adapter"] == {"c-lora": "lora"}  # C-LoRA is defined on LoRA only
+
+
 def test_t2i_uses_prompts_without_the_token_when_the_extractor_has_text(tmp_path):
     from types import SimpleNamespace
 

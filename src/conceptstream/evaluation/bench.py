@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from conceptstream.errors import StateError, UserInputError
-from conceptstream.methods.registry import fixed_adapter
+from conceptstream.methods.registry import adapter_kind_for, fixed_adapter
 
 RESULTS_FORMAT = "conceptstream-bench"
 FORMAT_VERSION = 1
@@ -156,7 +156,7 @@ def expand_variants(methods: Sequence[str], adapter: str = "lora",
     variants: list[Variant] = []
     for m in seen:
         cls = get_method(m)
-        kind = fixed_adapter(m) or adapter if cls.uses_adapter else None
+        kind = adapter_kind_for(m, adapter) if cls.uses_adapter else None
         keys = [k for k in sweep if k in cls.all_defaults()]
         used.update(keys)
         if not keys:
@@ -886,7 +886,7 @@ class Bench:
                 "multi_pairs": s.multi_pairs, "eval_every": s.eval_every,
                 "train_views": s.train_views if self.data.named else None,
                 "eval_views": s.eval_views if self.data.named else None, "max_concepts": s.max_concepts,
-                "fixed_adapter": {m: fixed_adapter(m) for m in s.methods if fixed_adapter(m)},
+                "fixed_adapter": {v.method: v.adapter for v in self.variants if fixed_adapter(v.method)},
             },
             "metrics": METRICS,
             "t2i": {"available": ev.t2i_available, "reason": ev.t2i_reason},

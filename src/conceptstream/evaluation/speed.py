@@ -283,12 +283,6 @@ def parse_variant(label: str) -> tuple[str, dict[str, Any]]:
     return method, hparams
 
 
-def _adapter_for(method: str, adapter: str) -> str:
-    from conceptstream.methods.registry import fixed_adapter
-
-    return fixed_adapter(method) or adapter
-
-
 # -- 1. training (worker side) ------------------------------------------------------------------
 def _preimport() -> None:
     """Import what `learn` imports lazily, so no task pays for (or measures) library imports."""
@@ -310,6 +304,7 @@ def timed_task(state: str, method: str, task: int, s: dict[str, Any]) -> dict[st
     import torch
 
     from conceptstream import api
+    from conceptstream.methods.registry import adapter_kind_for
     from conceptstream.state import StateStore
 
     images = synthetic_images(s["images"], seed=1000 + task)
@@ -324,7 +319,7 @@ def timed_task(state: str, method: str, task: int, s: dict[str, Any]) -> dict[st
     reset_ok = reset_peak_rss()
     t0 = time.perf_counter()
     report = api.learn(state, images, token=_token(task), noun=NOUNS[task % len(NOUNS)], method=method,
-                       model=s["model"], steps=s["steps"], seed=task, adapter=_adapter_for(method, s["adapter"]),
+                       model=s["model"], steps=s["steps"], seed=task, adapter=adapter_kind_for(method, s["adapter"]),
                        hparams=(hparams or None) if task == 0 else None,
                        device=s["device"], progress=False, checkpoint_every=0)
     _sync(s["device"])
@@ -506,6 +501,7 @@ def bench_state_size(s: SpeedSettings, workdir: Path, training: dict[str, Any], 
     """Bytes of the committed state after N tasks; reuses the timed states where they reach N."""
     from conceptstream.adapters.registry import AdapterSpec
     from conceptstream.engine import ConceptStream, StreamSettings
+    from conceptstream.methods.registry import adapter_kind_for
     from conceptstream.state import StateStore
 
     out: dict[str, Any] = {}
@@ -518,7 +514,7 @@ def bench_state_size(s: SpeedSettings, workdir: Path, training: dict[str, Any], 
             sizes = {str(r["task"]): r["state_bytes"] for r in timed}
         else:
             log(f"state size: {label}, {need} short tasks")
-            kind = _adapter_for(method, s.adapter)
+            kind = adapter_kind_for(method, s.adapter)
             spec = AdapterSpec(kind=kind, rank=4 if kind == "lora" else 64)
             hp = {**_hparams_for(method, {**s.method_hparams, **s.size_hparams}), **extra}
             stream = ConceptStream.new(s.model, StreamSettings(method=method, adapter=spec, hparams=hp),

@@ -43,6 +43,11 @@ def fixed_adapter(name: str) -> str | None:
     return kinds[0] if kinds is not None and len(kinds) == 1 else None
 
 
+def adapter_kind_for(name: str, requested: str) -> str:
+    """The adapter kind a method runs on when ``requested`` is asked for (bench and bench-speed)."""
+    return fixed_adapter(name) or requested
+
+
 def method_names() -> list[str]:
     _load_builtin()
     return list(METHODS)
