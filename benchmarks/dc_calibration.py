@@ -24,8 +24,8 @@ import torch
 
 def main(argv: list[str] | None = None) -> dict:
     from conceptstream.api import open_stream
+    from conceptstream.concepts.folder import read_sequence
     from conceptstream.evaluation.bench import dc_classification
-    from conceptstream.world.folders import read_sequence
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--state", required=True, help="a learned stream (e.g. a bench run's state folder)")

@@ -5,7 +5,7 @@ Rewrites the report from ``results.json`` with the current report code, then cop
 multi-concept samples).
 Run outputs (states, per-task samples, logs) stay behind: they are large and rebuildable.
 
-    python benchmarks/publish.py /work/bench/tabletop-6-lora benchmarks/results/tabletop-6-lora
+    python benchmarks/publish.py bench/tabletop-6-lora benchmarks/results/tabletop-6-lora
 """
 
 from __future__ import annotations

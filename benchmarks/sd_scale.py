@@ -136,17 +136,16 @@ def instrumented_learn(clock: dict[str, Any], device: str):
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from conceptstream import api
-    from conceptstream.evaluation.speed import (
-        NOUNS,
+    from conceptstream.evaluation.speed import NOUNS, synthetic_images
+    from conceptstream.methods.registry import get_method, method_names
+    from conceptstream.system import (
+        library_versions,
         loadavg,
         machine_info,
         machine_name,
-        peak_rss_mb,
+        peak_rss_mib,
         reset_peak_rss,
-        synthetic_images,
-        versions,
     )
-    from conceptstream.methods.registry import get_method, method_names
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
@@ -196,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "prepare_and_first_step_s": stamps[0] - clock["start"],
                    "step_s_median": statistics.median(steps_s) if steps_s else None,
                    "after_task_s": clock["end"] - stamps[-1], "final_loss": report.final_loss,
-                   "peak_rss_mb": peak_rss_mb()}
+                   "peak_rss_mb": peak_rss_mib()}
             if cuda:
                 row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
             rows.append(row)
@@ -206,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"{step:>11}  {row['after_task_s']:>10.2f}s  {mem:>10.0f}", file=sys.stderr)
     info["loadavg_end"] = loadavg()
     results = {
-        "format": "conceptstream-sd-scale", "machine": info, "versions": versions(),
+        "format": "conceptstream-sd-scale", "machine": info, "versions": library_versions(),
         "settings": {"small": small, "resolution": component_configs(small)["unet"]["sample_size"] * 8,
                      "configs": component_configs(small), "device": device, "batch_size": args.batch,
                      "steps": args.steps, "tasks": args.tasks, "images": args.images, "adapter": args.adapter,

@@ -51,7 +51,7 @@ def world_sequence(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def concept_dirs(world_sequence) -> list[Path]:
-    from conceptstream.world.folders import read_sequence
+    from conceptstream.concepts.folder import read_sequence
 
     return [c.path for c in read_sequence(world_sequence)]
 

@@ -341,3 +341,17 @@ def test_unwritable_output_is_one_line(tmp_path, capsys, state):
     blocker.write_text("x")
     expect_error(capsys, state, "generate", "a photo of a <a> dog", "--state", str(state), "-o",
                  str(blocker / "sub" / "out.png"), "--steps", "1", "-n", "1", match="conceptstream: error:")
+
+
+@pytest.mark.parametrize("flag, value", [("-n", "0"), ("-n", "-3"), ("--steps", "0")])
+def test_generate_needs_at_least_one_image_and_step(tmp_path, capsys, state, model, flag, value):
+    out = tmp_path / "out.png"
+    for where in (["--state", str(state)], ["--model", str(model)]):
+        before = tree(state)
+        rc, _out, err = run(capsys, "generate", "a photo of a dog", *where, "-o", str(out), "--steps", "1", flag, value)
+        assert rc == 2 and "Traceback" not in err
+        assert err.strip().splitlines() == [f"conceptstream: error: {flag} must be >= 1 "
+                                            f"({'images per prompt' if flag == '-n' else 'sampler steps'}), got {value}"]
+        assert tree(state) == before and not out.exists()
+    with pytest.raises(UserInputError, match="-n must be >= 1"):
+        api.generate("a photo of a dog", model=str(model), n=0)

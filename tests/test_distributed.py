@@ -16,9 +16,9 @@ RANK_SCRIPT = r'''
 import hashlib, json, os, sys
 import torch
 from conceptstream import api
-from conceptstream.data import load_images
+from conceptstream.concepts.images import load_images
 from conceptstream.engine import ConceptStream, StreamSettings
-from conceptstream.world.folders import read_concept
+from conceptstream.concepts.folder import read_concept
 
 state, concept_dir, model, out = sys.argv[1:5]
 rank = int(os.environ["RANK"])

@@ -1,6 +1,6 @@
 """Property-based tests of the two readers of untrusted input: the image loader and the manifest reader.
 
-Image loader (``conceptstream.data``): any PIL image or any file becomes an RGB image of the
+Image loader (``conceptstream.concepts.images``): any PIL image or any file becomes an RGB image of the
 requested size, or a :class:`UserInputError` naming the problem, never another exception.
 Manifest reader: any bytes in ``manifest.json`` give a manifest or one StateError line, through
 the file reader, the store, ``api.info`` and the CLI alike (tests/state covers validate_manifest
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conceptstream import api, cli
-from conceptstream.data import MAX_PIXELS, collect_image_paths, load_image, to_rgb
+from conceptstream.concepts.images import MAX_PIXELS, collect_image_paths, load_image, to_rgb
 from conceptstream.errors import StateError, UserInputError
 from conceptstream.state import FORMAT_VERSION, StateStore, read_manifest_file
 

@@ -66,7 +66,7 @@ def tensor_file(path: Path) -> dict[str, torch.Tensor]:
 
 def image_fingerprints(stream, photos: list[Path]) -> list[bytes]:
     """Byte patterns a leak would contain: raw pixels, normalised pixels, VAE latent means/stds."""
-    from conceptstream.data import load_images
+    from conceptstream.concepts.images import load_images
 
     images = load_images(photos, stream.resolution)
     patterns = []

@@ -20,12 +20,12 @@ def bundled_model():
 
 def __getattr__(name: str):
     # Lazy: `import conceptstream` stays fast and torch-free until a verb is used.
-    if name in ("learn", "generate", "info", "open_stream", "bench"):
+    if name in ("learn", "generate", "info", "export", "open_stream"):
         from conceptstream import api
 
         return getattr(api, name)
-    if name == "export":
-        from conceptstream.adapters.export import export_state
+    if name == "bench":  # the bench uses the api; the api does not know the bench
+        from conceptstream.evaluation.bench import run_bench
 
-        return export_state
+        return run_bench
     raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""The verbs users call (the CLI is a thin layer over these): learn, generate, info, export, world.
+"""The verbs users call (the CLI is a thin layer over these): learn, generate, info, export.
 
 A state directory is the user's personalised model. ``learn`` takes the state's lock, rebuilds
 the stream, learns one concept in memory and commits a new generation atomically: a crash or
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from conceptstream.adapters.registry import AdapterSpec
+from conceptstream.adapters.registry import AdapterSpec, adapter_default_rank
 from conceptstream.distributed import default_device, is_main_process
 from conceptstream.engine import (
     DEFAULT_CHECKPOINT_EVERY,
@@ -26,6 +26,7 @@ from conceptstream.engine import (
     TrainingDiverged,
 )
 from conceptstream.errors import ConceptstreamError, StateError, UserInputError
+from conceptstream.methods.registry import validate_settings
 from conceptstream.scoring.dc import DCConfig
 from conceptstream.state import StateStore
 
@@ -57,8 +58,8 @@ def open_stream(state: str | Path, model: str | None = None, device: str | None 
 
 def _resolve_concept(images: str | Path, token: str | None, noun: str | None,
                      required: bool = True) -> tuple[list[Path], str | None, str | None]:
-    from conceptstream.data import collect_image_paths
-    from conceptstream.world.folders import read_concept
+    from conceptstream.concepts.folder import read_concept
+    from conceptstream.concepts.images import collect_image_paths
 
     src = Path(images)
     if (src / "concept.json").is_file():
@@ -87,7 +88,7 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
     or dropped with ``discard_checkpoint=True``; a plain call while a checkpoint is pending is refused,
     so progress is never thrown away silently. ``steps``/``seed`` default to 200/0 for a new task.
     """
-    from conceptstream.world.folders import validate_token
+    from conceptstream.concepts.folder import validate_token
 
     if resume and discard_checkpoint:
         raise UserInputError("--resume and --discard-checkpoint cannot be combined; pick one")
@@ -140,13 +141,14 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
             elif checkpoint is not None:
                 stream = _stream_from_checkpoint(checkpoint[1], method, adapter, rank, targets, hparams, model, device)
             else:
-                spec = AdapterSpec(kind=adapter or "lora", rank=rank or (4 if (adapter or "lora") == "lora" else 64),
-                                   targets=targets or "cross-kv")
-                settings = StreamSettings(method=method or "ewc-dc", adapter=spec, hparams=dict(hparams or {}),
-                                          dc=DCConfig(**(dc or {})))
+                kind = adapter or "lora"
+                spec = AdapterSpec(kind=kind, rank=rank or adapter_default_rank(kind), targets=targets or "cross-kv")
+                settings = StreamSettings(method=method or "ewc-dc", adapter=spec,
+                                          hparams=validate_settings(method or "ewc-dc", hparams or {}, kind),
+                                          dc=DCConfig.from_user(dc or {}))
                 stream = ConceptStream.new(model or "tiny", settings, device=_device(device))
             if paths is not None:
-                from conceptstream.data import load_images
+                from conceptstream.concepts.images import load_images
 
                 pil_images = load_images(paths, stream.resolution)
             try:
@@ -203,11 +205,11 @@ def _stream_from_checkpoint(info: dict[str, Any], method, adapter, rank, targets
         flag, key, stored = clash
         raise UserInputError(f"the interrupted task uses {key} {stored!r}; drop {flag} or start over with "
                              "--discard-checkpoint")
-    for key, value in (hparams or {}).items():
+    for key, value in validate_settings(settings.method, hparams or {}, None).items():
         if settings.hparams.get(key) != value:
             raise UserInputError(f"the interrupted task uses {key}={settings.hparams.get(key)!r}; drop --set {key} "
                                  "or start over with --discard-checkpoint")
-    stream = ConceptStream.new(model or reference, settings, device=_device(device))
+    stream = ConceptStream.new(model or reference, settings, device=_device(device), check_settings=False)
     if stream.manifest["base_model"]["fingerprint"] != fingerprint:
         raise StateError(f"the interrupted task was learning on base model {reference!r} (fingerprint {fingerprint}), "
                          f"but {model!r} has fingerprint {stream.manifest['base_model']['fingerprint']}; pass "
@@ -249,7 +251,11 @@ def _check_same_settings(stream: ConceptStream, method, adapter, rank, targets, 
 def generate(prompt: str | list[str], state: str | Path | None = None, model: str | None = None, n: int = 4,
              seed: int = 0, steps: int = 30, guidance: float = 5.0, device: str | None = None,
              progress: bool = True) -> list[Image.Image]:
-    """Sample images from the base model or from a learned stream."""
+    """Sample ``n`` images per prompt (image i uses seed + i) from the base model or a learned stream."""
+    if not isinstance(n, int) or n < 1:
+        raise UserInputError(f"-n must be >= 1 (images per prompt), got {n!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise UserInputError(f"--steps must be >= 1 (sampler steps), got {steps!r}")
     if state is not None:
         stream = open_stream(state, model=model, device=device)
         return stream.generate(prompt, n=n, seed=seed, steps=steps, guidance=guidance, progress=progress)
@@ -271,7 +277,7 @@ def generate(prompt: str | list[str], state: str | Path | None = None, model: st
 
 
 def save_images(images: list[Image.Image], out: str | Path, cols: int | None = None) -> list[Path]:
-    """``out`` ending in '/' or an existing folder: one PNG per image; else one grid file."""
+    """``out`` ending in '/' or an existing folder: one PNG per image; else one file (a grid of several)."""
     from conceptstream.imaging import make_grid
 
     out_s = str(out)
@@ -286,9 +292,18 @@ def save_images(images: list[Image.Image], out: str | Path, cols: int | None = N
         return paths
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserInputError(f"-o {out_s}: give a .png/.jpg file for a grid or a folder ending in '/'")
+    if not images:
+        raise UserInputError(f"-o {out_s}: there are no images to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, cols=cols).save(path)
+    (images[0] if len(images) == 1 else make_grid(images, cols=cols)).save(path)
     return [path]
+
+
+def export(state: str | Path, out: str | Path) -> list[Path]:
+    """Export a state for stock diffusers into ``out`` (see :mod:`conceptstream.adapters.export`)."""
+    from conceptstream.adapters.export import export_stream
+
+    return export_stream(open_stream(state), out)
 
 
 def info(state: str | Path) -> dict[str, Any]:
@@ -343,10 +358,3 @@ def format_info(data: dict[str, Any]) -> str:
         lines.append(f"unfinished {ck.get('token')} ({ck.get('noun')}) interrupted at step {ck.get('step')}/"
                      f"{ck.get('steps')}: continue with `conceptstream learn {data['state']} --images ... --resume`")
     return "\n".join(lines)
-
-
-def bench(*args: Any, **kwargs: Any):
-    """Run the continual-personalization benchmark (see :func:`conceptstream.evaluation.bench.run_bench`)."""
-    from conceptstream.evaluation.bench import run_bench
-
-    return run_bench(*args, **kwargs)

@@ -9,13 +9,32 @@ import sys
 from pathlib import Path
 
 
-def _kv(text: str) -> tuple[str, object]:
+def _kv(text: str) -> tuple[str, str]:
+    """``--set KEY=VALUE`` of `learn`: the value stays text; `learn` converts and checks it against the
+    method's setting (``methods.registry.validate_settings``)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
-    from conceptstream.evaluation.bench import parse_value
-
     key, value = text.split("=", 1)
-    return key.strip().replace("-", "_"), parse_value(value)
+    return key.strip().replace("-", "_"), value.strip()
+
+
+class _AdapterKinds:
+    """``--adapter`` choices from the adapter registry, looked up only when used (the registry imports torch)."""
+
+    def _kinds(self) -> list[str]:
+        from conceptstream.adapters.registry import adapter_kinds
+
+        return adapter_kinds()
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._kinds()
+
+    def __iter__(self):
+        return iter(self._kinds())
+
+
+DEVICE_HELP = "torch device, e.g. cpu, cuda or cuda:1 (default: the GPU if there is one, else the CPU)"
+MODEL_HELP = "base model: 'tiny' (bundled, the default), a diffusers SD 1.x/2.x folder, or a hub id"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,67 +43,78 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="conceptstream", description="Teach a text-to-image diffusion model a stream "
                                 "of personal concepts, one at a time, without forgetting.")
     p.add_argument("--version", action="version", version=f"conceptstream {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
     # world -----------------------------------------------------------------------------------
     world = sub.add_parser("world", help="the tabletop world: classes, concept sequences, base-model training")
-    wsub = world.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND")
+    wsub = world.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND",
+                                help="what to do with the world")
     wl = wsub.add_parser("list", help="list base classes and named sequences")
-    wl.add_argument("--json", action="store_true")
+    wl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     we = wsub.add_parser("export", help="write a named sequence in the concept folder format")
-    we.add_argument("sequence")
-    we.add_argument("dir")
-    we.add_argument("--train-views", type=int, default=12)
-    we.add_argument("--eval-views", type=int, default=12)
-    we.add_argument("--seed", type=int, default=0)
+    we.add_argument("sequence", help="named sequence, e.g. tabletop-6 (see `conceptstream world list`)")
+    we.add_argument("dir", help="folder to write: sequence.json plus one concept folder per concept")
+    we.add_argument("--train-views", type=int, default=12, help="training views per concept (default %(default)s)")
+    we.add_argument("--eval-views", type=int, default=12,
+                    help="held-out evaluation views per concept (default %(default)s)")
+    we.add_argument("--seed", type=int, default=0, help="render seed (default %(default)s)")
     wc = wsub.add_parser("export-classes", help="write N real renders per base class as DIR/<noun>/*.png")
-    wc.add_argument("dir")
-    wc.add_argument("-n", type=int, default=16)
-    wc.add_argument("--seed", type=int, default=1)
+    wc.add_argument("dir", help="folder to write, one sub-folder per class noun")
+    wc.add_argument("-n", type=int, default=16, help="renders per class (default %(default)s)")
+    wc.add_argument("--seed", type=int, default=1, help="render seed (default %(default)s)")
     wt = wsub.add_parser("train-base", help="train (or resume training) the bundled tiny base model")
     wt.add_argument("--workdir", required=True, help="where data, checkpoints and progress live (resumable)")
     wt.add_argument("--out", default=None, help="pipeline folder to write (default: the bundled model's folder)")
-    wt.add_argument("--images-per-class", type=int, default=1500)
-    wt.add_argument("--vae-steps", type=int, default=1500)
+    wt.add_argument("--images-per-class", type=int, default=1500,
+                    help="training renders per base class (default %(default)s)")
+    wt.add_argument("--vae-steps", type=int, default=1500, help="VAE training steps (default %(default)s)")
     wt.add_argument("--decoder-steps", type=int, default=0,
                     help="adversarial decoder fine-tuning steps after the VAE (encoder frozen); off by default")
-    wt.add_argument("--unet-steps", type=int, default=40000)
+    wt.add_argument("--unet-steps", type=int, default=40000,
+                    help="UNet + text encoder training steps (default %(default)s)")
     wt.add_argument("--latent-channels", type=int, default=4,
                     help="VAE latent channels (UNet input/output); 4 as in SD 1.x, 8 keeps finer patterns")
-    wt.add_argument("--batch-size", type=int, default=32)
+    wt.add_argument("--batch-size", type=int, default=32,
+                    help="batch size of the VAE and UNet stages (default %(default)s)")
     wt.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpoint + export) after this")
-    wt.add_argument("--seed", type=int, default=0)
+    wt.add_argument("--seed", type=int, default=0,
+                    help="seed of initialisation, renders, batches and noise (default %(default)s)")
     wt.add_argument("--init-from", default=None,
                     help="seed an empty --workdir from an exported model folder (e.g. the bundled one) and continue")
 
     # generate --------------------------------------------------------------------------------
     g = sub.add_parser("generate", help="sample images from the base model or a learned stream")
-    g.add_argument("prompt")
-    g.add_argument("-n", type=int, default=4, help="number of images (image i uses seed + i)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("-o", "--out", default="out/generate.png", help="file.png for a grid, folder/ for one PNG each")
-    g.add_argument("--model", default=None, help="'tiny' (bundled), a diffusers SD 1.x/2.x folder, or a hub id")
+    g.add_argument("prompt", help="text prompt; learned tokens such as '<my-dog>' need --state")
+    g.add_argument("-n", type=int, default=4, help="number of images, >= 1 (image i uses seed + i; default %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image (default %(default)s)")
+    g.add_argument("-o", "--out", default="out/generate.png",
+                   help="file.png for the image (a grid when -n > 1), folder/ for one PNG each")
+    g.add_argument("--model", default=None, help=MODEL_HELP)
     g.add_argument("--state", default=None, help="a concept-stream state directory")
-    g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance", type=float, default=5.0)
-    g.add_argument("--device", default=None)
+    g.add_argument("--steps", type=int, default=30, help="sampler steps (default %(default)s)")
+    g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default %(default)s)")
+    g.add_argument("--device", default=None, help=DEVICE_HELP)
 
     # learn -----------------------------------------------------------------------------------
     lp = sub.add_parser("learn", help="add one concept to a stream (creates STATE on the first call)")
-    lp.add_argument("state")
+    lp.add_argument("state", help="the stream's state directory (created on the first call)")
     lp.add_argument("--images", required=True, help="folder of images, or a concept folder")
     lp.add_argument("--token", default=None, help="new modifier token, e.g. '<my-dog>'")
     lp.add_argument("--noun", default=None, help="class noun the base model knows, e.g. 'dog'")
     lp.add_argument("--method", default=None, help="continual method (first call only; default ewc-dc)")
-    lp.add_argument("--adapter", default=None, choices=["lora", "vera"], help="adapter (first call only)")
-    lp.add_argument("--rank", type=int, default=None)
-    lp.add_argument("--targets", default=None, choices=["cross-kv", "attention"])
+    lp.add_argument("--adapter", default=None, choices=_AdapterKinds(), metavar="KIND",
+                    help="adapter on the UNet: %(choices)s (first call only; default lora)")
+    lp.add_argument("--rank", type=int, default=None,
+                    help="adapter rank (first call only; default: the adapter kind's own, docs/DEFAULTS.md)")
+    lp.add_argument("--targets", default=None, choices=["cross-kv", "attention"],
+                    help="UNet layers the adapter wraps (first call only; default cross-kv)")
     lp.add_argument("--set", dest="hparams", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                     help="method setting, e.g. --set ewc_lambda=100 (first call only)")
-    lp.add_argument("--model", default=None)
+    lp.add_argument("--model", default=None,
+                    help=MODEL_HELP + "; later calls default to the state's own and refuse another model")
     lp.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
     lp.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
-    lp.add_argument("--device", default=None)
+    lp.add_argument("--device", default=None, help=DEVICE_HELP)
     lp.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
                     help="autocast training forward passes through accelerate (bf16; fp16 on GPUs only; "
                          "trained values stay fp32)")
@@ -100,65 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drop the interrupted task's checkpoint and learn from scratch")
 
     ip = sub.add_parser("info", help="what a state holds")
-    ip.add_argument("state")
-    ip.add_argument("--json", action="store_true")
+    ip.add_argument("state", help="a concept-stream state directory")
+    ip.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     ep = sub.add_parser("export", help="export a state for stock diffusers (LoRA + textual-inversion files)")
-    ep.add_argument("state")
-    ep.add_argument("out")
+    ep.add_argument("state", help="a concept-stream state directory")
+    ep.add_argument("out", help="folder to write (created if missing)")
+
+    from conceptstream.evaluation.bench.options import BENCH_OPTIONS
+    from conceptstream.evaluation.options import add_arguments
+    from conceptstream.evaluation.speed.settings import SPEED_OPTIONS
 
     bp = sub.add_parser("bench", help="run the continual-personalization benchmark (methods x seeds) and write "
                         "results.json + report.md; reruns resume")
-    bp.add_argument("--sequence", default="tabletop-6", help="named sequence (tabletop-3/6/10/50) or a sequence folder")
-    bp.add_argument("--methods", default=None, help="comma-separated methods (default: lora, lora-ewc, c-lora, "
-                    "ewc-dc, dsc, dsc-ewc-dc, custom-diffusion, textual-inversion)")
-    bp.add_argument("--adapter", default="lora", choices=["lora", "vera"])
-    bp.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
-    bp.add_argument("--out", required=True, help="output folder (data, runs, results.json, report.md)")
-    bp.add_argument("--steps", type=int, default=None, help="training steps per task")
-    bp.add_argument("--quick", action="store_true", help="CI-sized: 2 concepts, few steps, 2 images, 1 seed")
-    bp.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
-                    help="run each value of a method setting as its own variant (repeatable: a grid)")
-    bp.add_argument("--set", dest="bench_hparams", action="append", default=[], metavar="KEY=VALUE",
-                    help="fixed method setting for every method that has it, e.g. --set dsc_iters=50")
-    bp.add_argument("--features", default="efficientnet-lite0", help="efficientnet-lite0 | clip:PATH | dino:PATH")
-    bp.add_argument("--model", default=None, help="'tiny' (bundled) or a diffusers Stable Diffusion folder")
-    bp.add_argument("--device", default=None)
-    bp.add_argument("--rank", type=int, default=None)
-    bp.add_argument("--targets", default=None, choices=["cross-kv", "attention"])
-    bp.add_argument("--images-per-prompt", type=int, default=None, help="default 4 (3 prompts per concept)")
-    bp.add_argument("--ddim-steps", type=int, default=None, help="sampler steps (default 30)")
-    bp.add_argument("--guidance", type=float, default=5.0)
-    bp.add_argument("--max-concepts", type=int, default=None, help="use only the first N concepts")
-    bp.add_argument("--eval-every", type=int, default=1, metavar="K",
-                    help="score all seen concepts only after every K-th task and the last (long streams; "
-                         "the new concept is scored after every task)")
-    bp.add_argument("--stop-on-error", action="store_true", help="stop at the first failing run")
+    add_arguments(bp, BENCH_OPTIONS)
 
     dp = sub.add_parser("demo", help="learn a 3-concept tabletop stream with ewc-dc and write grids + a report")
-    dp.add_argument("--out", default="out/demo")
-    dp.add_argument("--steps", type=int, default=None)
-    dp.add_argument("--method", default="ewc-dc")
+    dp.add_argument("--out", default="out/demo", help="folder for data, state, grids and report.md (default %(default)s)")
+    dp.add_argument("--steps", type=int, default=None, help="training steps per concept (default 200)")
+    dp.add_argument("--method", default="ewc-dc", help="continual method (default %(default)s)")
 
     sp = sub.add_parser("bench-speed", help="time, memory and state size of every method as ratios (vs lora, vs the "
                         "raw UNet, vs the bare base pipeline), measured in one run on this machine")
-    sp.add_argument("--quick", action="store_true", help="tiny settings, about a minute (CI smoke test)")
-    sp.add_argument("--json", action="store_true", help="print the results as JSON instead of a Markdown table")
-    sp.add_argument("--out", default="benchmarks/results", help="folder for speed-<machine>.json")
-    sp.add_argument("--methods", default=None, help="comma-separated methods (default: all; lora is always added); "
-                    "a method may carry settings to time its speed levers, e.g. 'ewc-dc,ewc-dc[dc_k=2,dc_batch=1]'")
-    sp.add_argument("--parts", default=None, help="comma-separated subset of training,dc,generate,size (default: all)")
-    sp.add_argument("--label", default=None, help="suffix of the result file name (speed-<machine>-<label>.json)")
-    sp.add_argument("--adapter", default="lora", choices=["lora", "vera"])
-    sp.add_argument("--model", default=None, help="'tiny' (bundled) or a diffusers Stable Diffusion folder")
-    sp.add_argument("--device", default=None)
-    sp.add_argument("--steps", type=int, default=None, help="training steps per timed task (default 200; 2 with --quick)")
-    sp.add_argument("--trials", type=int, default=None, help="interleaved timing trials (default 7; 3 with --quick)")
-    sp.add_argument("--timed-tasks", type=int, default=None,
-                    help="tasks learned and timed per method (default 2); ratios are read at the last one, so e.g. 6 "
-                         "times DC methods once their candidate set is full (k=5)")
-    sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    sp.add_argument("--machine", default=None, help="label in the file name (default: from the CPU/GPU model)")
+    add_arguments(sp, SPEED_OPTIONS)
     return p
 
 
@@ -193,24 +187,18 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2) if args.json else api.format_info(data))
         return 0
     if args.command == "export":
-        from conceptstream.adapters.export import export_state
-
-        written = export_state(args.state, args.out)
+        written = api.export(args.state, args.out)
         print(f"exported {len(written)} file(s) to {args.out}:")
         for w in written:
             print(f"  {w}")
         return 0
     if args.command == "bench":
-        from conceptstream.evaluation.bench import format_summary, run_bench
+        from conceptstream.evaluation import bench
+        from conceptstream.evaluation.bench.options import BENCH_OPTIONS
+        from conceptstream.evaluation.options import cli_values
 
-        results = run_bench(args.out, sequence=args.sequence, methods=args.methods, adapter=args.adapter,
-                            seeds=args.seeds, steps=args.steps, quick=args.quick, sweep=args.sweep,
-                            hparams=args.bench_hparams,
-                            features=args.features, model=args.model, device=args.device, rank=args.rank,
-                            targets=args.targets, images_per_prompt=args.images_per_prompt,
-                            ddim_steps=args.ddim_steps, guidance=args.guidance, max_concepts=args.max_concepts,
-                            eval_every=args.eval_every, keep_going=not args.stop_on_error)
-        print(format_summary(results))
+        results = bench.run_bench(**cli_values(args, BENCH_OPTIONS))
+        print(bench.format_summary(results))
         return 1 if results["failed"] else 0
     if args.command == "demo":
         from conceptstream.demo import run_demo
@@ -219,12 +207,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo finished: report at {report}")
         return 0
     if args.command == "bench-speed":
-        from conceptstream.evaluation.speed import format_table, run_speed
+        from conceptstream.evaluation import speed
+        from conceptstream.evaluation.options import cli_values
+        from conceptstream.evaluation.speed.settings import SPEED_OPTIONS
 
-        results = run_speed(args.out, quick=args.quick, methods=args.methods, adapter=args.adapter, model=args.model,
-                            device=args.device, steps=args.steps, trials=args.trials, threads=args.threads,
-                            machine=args.machine, timed_tasks=args.timed_tasks, parts=args.parts, label=args.label)
-        print(json.dumps(results, indent=2) if args.json else format_table(results))
+        given = {k: v for k, v in cli_values(args, SPEED_OPTIONS).items() if v is not None and k != "json"}
+        results = speed.run_speed(**given)
+        print(json.dumps(results, indent=2) if args.json else speed.format_table(results))
         return 0
     raise AssertionError(args.command)
 

@@ -6,7 +6,6 @@ Data path: images -> VAE latents (memory only) -> method hooks (loss from scorin
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,7 +18,7 @@ from conceptstream.adapters.registry import AdapterSpec, adapter_state, attach_a
 from conceptstream.distributed import RANK_SEED_STRIDE, average_gradients, make_accelerator
 from conceptstream.errors import ConceptstreamError, StateError, UserInputError
 from conceptstream.methods.base import ConceptInfo, ContinualMethod, TaskContext
-from conceptstream.methods.registry import get_method, method_defaults
+from conceptstream.methods.registry import get_method, method_defaults, validate_settings
 from conceptstream.models.loading import load_pipeline, model_fingerprint
 from conceptstream.models.tokens import (
     ConceptEmbedding,
@@ -30,6 +29,7 @@ from conceptstream.models.tokens import (
     unknown_tokens,
 )
 from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
+from conceptstream.system import library_versions, utc_now
 
 DEFAULT_STEPS = 200
 DEFAULT_CHECKPOINT_EVERY = 50  # in-task checkpoint interval of `learn` (0 disables checkpoints)
@@ -40,29 +40,16 @@ class TrainingDiverged(ConceptstreamError):
     """The loss became NaN/inf; the task is dropped and the saved state is left as it was."""
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def library_versions() -> dict[str, str]:
-    import diffusers
-    import peft
-    import transformers
-
-    import conceptstream
-
-    return {"conceptstream": conceptstream.__version__, "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-
-
-def _positive_float(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not number > 0:
-        raise UserInputError(f"{name} must be a number > 0, got {value!r} (e.g. --set {name}=0.005)")
-    return number
+def one_dc_temperature(method: str, hparams: dict[str, Any], dc: DCConfig) -> tuple[dict[str, Any], DCConfig]:
+    """Method settings and DC config that agree on one DC temperature, the ``dc_temperature`` setting
+    (``DCScoresConfig``) of a method that scores with DC: the value given in ``hparams`` (``--set``,
+    ``--sweep``, a saved manifest's hyperparameters) wins, else the DC config's (``api.learn(dc=...)``,
+    ``StreamSettings(dc=...)``). The classifier runs on the returned DC config and the manifest records both.
+    Returns new objects; the inputs are left as they are."""
+    if "dc_temperature" not in get_method(method).all_defaults():
+        return dict(hparams), dc
+    temperature = hparams.get("dc_temperature", dc.temperature)
+    return {**hparams, "dc_temperature": temperature}, replace(dc, temperature=temperature)
 
 
 @dataclass
@@ -98,13 +85,9 @@ class ConceptStream:
         self.device = torch.device(device)
         self.model_ref = model_ref
         method_cls = get_method(settings.method)
-        hparams = {**method_defaults(settings.method, settings.adapter.kind), **settings.hparams}
-        if "dc_temperature" in method_cls.all_defaults():
-            # one temperature: a method setting given by the user wins over the DC config
-            if "dc_temperature" in settings.hparams:
-                settings.dc = replace(settings.dc, temperature=_positive_float("dc_temperature", hparams["dc_temperature"]))
-            hparams["dc_temperature"] = settings.dc.temperature
-        self.method: ContinualMethod = method_cls(**hparams)
+        given, settings.dc = one_dc_temperature(settings.method, settings.hparams, settings.dc)
+        self.method: ContinualMethod = method_cls(**{**method_defaults(settings.method, settings.adapter.kind),
+                                                     **given})
         settings.hparams = dict(self.method.hparams)
         self._adapter_attached = False
         if self.method.uses_adapter:
@@ -119,10 +102,15 @@ class ConceptStream:
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def new(cls, model: str | None = "tiny", settings: StreamSettings | None = None, device: str = "cpu",
-            dtype: torch.dtype = torch.float32) -> ConceptStream:
+            dtype: torch.dtype = torch.float32, check_settings: bool = True) -> ConceptStream:
+        """A stream with no concepts. ``settings.hparams`` are checked as user input (``validate_settings``)
+        before the model loads; ``check_settings=False`` takes them as saved (an interrupted task's checkpoint)."""
         settings = settings or StreamSettings()
         settings.adapter.validate()
         method_defaults(settings.method, settings.adapter.kind)  # fail fast: unknown method, or not on this adapter
+        if check_settings:
+            settings = replace(settings, hparams=validate_settings(settings.method, settings.hparams,
+                                                                   settings.adapter.kind))
         pipe = load_pipeline(model, dtype=dtype, device=device)
         ref = str(model or "tiny")
         manifest = {
@@ -130,9 +118,9 @@ class ConceptStream:
             "base_model": {"reference": ref, "fingerprint": model_fingerprint(model)},
             "method": {},
             "concepts": [],
-            "created_at": _now(),
-            "updated_at": _now(),
-            "versions": library_versions(),
+            "created_at": utc_now(),
+            "updated_at": utc_now(),
+            "versions": library_versions(extended=False),
         }
         stream = cls(pipe, settings, manifest, device=device, model_ref=ref)
         stream._sync_manifest()
@@ -178,8 +166,8 @@ class ConceptStream:
             "dc": asdict(s.dc),
             "state_growth": self.method.state_growth,
         }
-        self.manifest["updated_at"] = _now()
-        self.manifest["versions"] = library_versions()
+        self.manifest["updated_at"] = utc_now()
+        self.manifest["versions"] = library_versions(extended=False)
 
     # -- views ---------------------------------------------------------------------------------
     @property
@@ -325,7 +313,7 @@ class ConceptStream:
             pipe.unet.eval()
         logs.extend(ctx.logs)
         self.manifest["concepts"].append({"token": token, "noun": noun, "task_index": len(self.tokens),
-                                          "created_at": _now(), "steps": steps, "seed": seed,
+                                          "created_at": utc_now(), "steps": steps, "seed": seed,
                                           "images": len(images), "mixed_precision": mixed_precision})
         self._sync_manifest()
         return TaskReport(token, noun, len(self.tokens) - 1, steps, time.time() - t0, loss_value, logs)

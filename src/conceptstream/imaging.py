@@ -1,4 +1,4 @@
-"""Small image helpers shared by commands and reports: grids, loading user images safely."""
+"""Image grids shared by commands, the demo and reports."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conceptstream.concepts.folder import read_sequence
 from conceptstream.datasets import (
     READERS,
     convert_celeba,
@@ -19,7 +20,6 @@ from conceptstream.datasets import (
 )
 from conceptstream.datasets.common import split_train_eval
 from conceptstream.errors import UserInputError
-from conceptstream.world.folders import read_sequence
 
 
 def _img(path: Path, k: int, size: tuple[int, int] = (20, 16), mode: str = "RGB") -> Path:
@@ -246,3 +246,51 @@ def test_registry_and_split():
     assert split_train_eval(items, 0.0) == (items, [])
     with pytest.raises(UserInputError):
         split_train_eval(items, 1.0)
+
+
+# ----------------------------------------------------------------------------- image modes
+
+
+def test_readers_accept_every_image_mode_learn_accepts(tmp_path: Path):
+    """Converted PNGs hold exactly the pixels `learn` would load from the source files."""
+    import numpy as np
+
+    from conceptstream.concepts.images import load_image
+
+    src = tmp_path / "ti" / "odd_modes"
+    src.mkdir(parents=True)
+    Image.fromarray(np.full((16, 20), 128 * 257, dtype=np.uint16)).save(src / "a-gray16.png")
+    palette = Image.new("P", (20, 16), 1)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.paste(0, (0, 0, 10, 16))
+    palette.save(src / "b-palette.png", transparency=0)  # the left half (index 0) is transparent
+    Image.fromarray(np.linspace(-1, 3, 320, dtype=np.float32).reshape(16, 20)).save(src / "c-float.tif")
+    gray_alpha = Image.new("LA", (20, 16), (0, 0))
+    gray_alpha.save(src / "d-gray-alpha.png")
+    Image.new("RGB", (20, 16), (10, 200, 30)).convert("CMYK").save(src / "e-cmyk.jpg")
+    for name, mode in (("a-gray16.png", "I"), ("b-palette.png", "P"), ("c-float.tif", "F")):
+        with Image.open(src / name) as img:
+            assert img.mode.startswith(mode), (name, img.mode)
+    (folder,) = convert_textual_inversion(tmp_path / "ti", tmp_path / "out", nouns={"odd_modes": "toy"},
+                                          eval_fraction=0.0)
+    converted = folder.train_images()
+    assert len(converted) == 5
+    sources = json.loads((folder.path / "sources.json").read_text())["train"]
+    for path in converted:
+        original = tmp_path / "ti" / sources[path.name]
+        with Image.open(path) as img:
+            assert img.mode == "RGB"
+            assert np.array_equal(np.asarray(img), np.asarray(load_image(original))), original.name
+    pixels = {sources[p.name].split("/")[-1]: np.asarray(Image.open(p)) for p in converted}
+    assert (pixels["a-gray16.png"] == 128).all()  # 16-bit scaled to 8 bits, not clipped to white
+    assert (pixels["b-palette.png"][:, :10] == 255).all()  # transparent palette entries become white
+    assert (pixels["b-palette.png"][:, 10:] == [0, 0, 255]).all()
+    assert (pixels["d-gray-alpha.png"] == 255).all()
+
+
+def test_reader_names_an_unreadable_image(tmp_path: Path):
+    src = tmp_path / "ti" / "broken"
+    _img(src / "0.png", 0)
+    (src / "1.png").write_bytes(b"not a png at all")
+    with pytest.raises(UserInputError, match=r"1\.png is not a readable image"):
+        convert_textual_inversion(tmp_path / "ti", tmp_path / "out", nouns={"broken": "toy"})

@@ -176,6 +176,63 @@ def test_settings_no_method_has_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_every_bench_option_is_declared_once_with_help():
+    """The CLI flags, the settings' fields and the run config all come from BENCH_OPTIONS."""
+    import argparse
+    import dataclasses
+
+    from conceptstream.evaluation.bench import BENCH_OPTIONS, BenchSettings
+    from conceptstream.evaluation.options import add_arguments
+
+    assert all(o.help for o in BENCH_OPTIONS)
+    fields = {f.name for f in dataclasses.fields(BenchSettings)}
+    assert {o.name for o in BENCH_OPTIONS} <= fields
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, BENCH_OPTIONS)
+    flags = {a.option_strings[0]: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    assert set(flags) == {o.cli_flag for o in BENCH_OPTIONS if o.cli_flag}
+    assert all(a.help for a in flags.values())
+    assert flags["--set"].dest == "hparams" and flags["--stop-on-error"].dest == "keep_going"
+    run_keys = {o.name for o in BENCH_OPTIONS if o.check == "run"}
+    assert run_keys == {"steps", "rank", "targets", "dc_eval_timesteps", "multi_pairs", "eval_every"}
+
+
+def test_quick_values_apply_only_to_options_not_given(tmp_path):
+    from conceptstream.evaluation.bench import resolve_settings
+
+    s = resolve_settings(tmp_path, {"quick": True, "ddim_steps": 7, "methods": "lora, dsc"})
+    assert (s.ddim_steps, s.images_per_prompt, s.seeds, s.contexts, s.max_concepts) == (7, 2, [0], (), 2)
+    assert s.methods == ["lora", "dsc"] and s.hparams == {"dsc_iters": 2} and s.steps == 3
+    full = resolve_settings(tmp_path, {})
+    assert (full.ddim_steps, full.seeds, full.steps, full.model, full.keep_going) == (30, [0, 1, 2], 200, "tiny", True)
+    assert full.contexts == ("on grass", "on a wooden table") and len(full.methods) == 8
+    with pytest.raises(TypeError, match="no_such_option"):
+        resolve_settings(tmp_path, {"no_such_option": 1})
+    with pytest.raises(UserInputError, match="--eval-every must be >= 1"):
+        resolve_settings(tmp_path, {"eval_every": 0})
+    with pytest.raises(UserInputError, match="through --set"):
+        resolve_settings(tmp_path, {"methods": "ewc-dc[dc_k=2]"})
+
+
+def test_generation_options_change_the_run_config(tmp_path):
+    """An option declared check='generation' changes generation_settings, so a saved run made with
+    another value is refused."""
+    import dataclasses
+
+    from conceptstream.evaluation.bench import BENCH_OPTIONS, BenchContext, resolve_settings
+
+    base = resolve_settings(tmp_path, {"quick": True})
+    ctx = BenchContext(base, None, None, None, {}, "DDIMScheduler", print)
+    for o in BENCH_OPTIONS:
+        if o.check != "generation":
+            continue
+        value = getattr(base, o.name)
+        other = value + ("on sand",) if isinstance(value, tuple) else value + 1
+        changed = BenchContext(dataclasses.replace(base, **{o.name: other}), None, None, None, {}, "DDIMScheduler",
+                               print)
+        assert changed.generation_settings() != ctx.generation_settings(), o.name
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
@@ -214,6 +271,7 @@ def test_results_json_has_summary_matrices_and_settings(bench_dir):
     assert doc["runs"]["ewc-dc"]["seeds"]["0"]["hparams"]["ewc_lambda"] is not None
     settings = doc["settings"]
     assert settings["steps"] == 2 and settings["quick"] is True and settings["seeds"] == [0]
+    assert settings["data"] == "data/tabletop-3-2c-train3-eval3"  # relative to the out folder
     assert len(settings["concepts"]) == 2 and settings["features"]["name"] == "efficientnet-lite0"
     assert settings["generation"]["images_per_concept"] == 2 and settings["generation"]["sampler"]
     assert "torch" in doc["versions"] and "diffusers" in doc["versions"]
@@ -372,3 +430,20 @@ def test_eval_every_scores_the_new_concept_each_task_and_all_concepts_at_the_end
     with pytest.raises(StateError, match="eval_every"):
         run_bench(tmp_path / "sparse", sequence="tabletop-3", methods=["lora"], quick=True, steps=2,
                   model=tiny_model, max_concepts=3, multi_pairs=0, progress=False, log=lambda line: None)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "ewc_lambda=abc"], "--set ewc_lambda=abc: ewc_lambda must be a number >= 0"),
+    (["--sweep", "ewc_lambda=10,-1"], "--sweep ewc_lambda=-1"),
+    (["--sweep", "dc_k=0"], "dc_k must be an integer >= 1"),
+    (["--set", "dc_temperature=0"], "dc_temperature must be a number > 0"),
+])
+def test_a_bad_method_setting_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
+    from conftest import assert_one_line_error
+
+    from conceptstream.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--out", str(out), "--methods", "lora,ewc-dc", "--quick", *args]) == 2
+    assert needle in assert_one_line_error(capsys.readouterr().err)
+    assert not out.exists()

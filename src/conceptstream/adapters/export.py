@@ -37,13 +37,11 @@ def lora_layers_for_diffusers(stream) -> dict[str, torch.Tensor] | None:
     return out
 
 
-def export_state(state: str | Path, out: str | Path) -> list[Path]:
+def export_stream(stream, out: str | Path) -> list[Path]:
+    """Write a loaded :class:`~conceptstream.engine.ConceptStream` into ``out``; returns the files written."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from conceptstream.api import open_stream
-
-    stream = open_stream(state)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

@@ -72,13 +72,15 @@ class AdapterKind:
 
     build_config: Callable[[AdapterSpec], Any]
     default_lr: float
+    default_rank: int
 
 
 ADAPTERS: dict[str, AdapterKind] = {
-    "lora": AdapterKind(_lora_config, 1e-3),
+    "lora": AdapterKind(_lora_config, 1e-3, 4),
     # VeRA trains only per-layer scaling vectors over frozen random projections: at LoRA's rate it
     # barely learns (tabletop-6 plasticity 385 at 1e-3 against 335 at 1e-2, docs/DEFAULTS.md).
-    "vera": AdapterKind(_vera_config, 1e-2),
+    # Its rank can be high because only the scaling vectors are trained (the paper uses 64 too).
+    "vera": AdapterKind(_vera_config, 1e-2, 64),
 }
 
 
@@ -86,6 +88,17 @@ def adapter_default_lr(kind: str) -> float:
     """The adapter learning rate a method uses on this adapter kind unless ``lr`` is set."""
     AdapterSpec(kind=kind).validate()
     return ADAPTERS[kind].default_lr
+
+
+def adapter_default_rank(kind: str) -> int:
+    """The rank an adapter of this kind gets unless ``--rank`` is given."""
+    AdapterSpec(kind=kind).validate()
+    return ADAPTERS[kind].default_rank
+
+
+def adapter_kinds() -> list[str]:
+    """The registered adapter kinds (the choices of every ``--adapter`` flag)."""
+    return list(ADAPTERS)
 
 
 # VeRA's shared projections live on peft's tuner object, not in the layers' state; keep the tuner

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from conceptstream.concepts.folder import ConceptFolder
 from conceptstream.datasets.celeba import convert_celeba
 from conceptstream.datasets.customconcept101 import convert_customconcept101
 from conceptstream.datasets.landmarks import convert_landmarks
 from conceptstream.datasets.textual_inversion import TI_NOUNS, convert_textual_inversion
 from conceptstream.errors import UserInputError
-from conceptstream.world.folders import ConceptFolder
 
 READERS: dict[str, Callable[..., list[ConceptFolder]]] = {
     "customconcept101": convert_customconcept101,

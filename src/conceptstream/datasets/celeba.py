@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from conceptstream.concepts.folder import ConceptFolder
 from conceptstream.datasets.common import ConceptSource, subsample, write_sources
 from conceptstream.errors import UserInputError
-from conceptstream.world.folders import ConceptFolder
 
 _IDENTITY_FILES = ("identity_CelebA.txt", "Anno/identity_CelebA.txt")
 _IMAGE_DIRS = ("img_align_celeba/img_align_celeba", "img_align_celeba", "Img/img_align_celeba")

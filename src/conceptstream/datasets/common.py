@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from conceptstream.errors import UserInputError
-from conceptstream.world.folders import (
+from conceptstream.concepts.folder import (
     IMAGE_SUFFIXES,
     ConceptFolder,
     list_images,
@@ -31,6 +30,8 @@ from conceptstream.world.folders import (
     write_concept,
     write_sequence,
 )
+from conceptstream.concepts.images import load_image
+from conceptstream.errors import UserInputError
 
 T = TypeVar("T")
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_\-.]+")
@@ -100,21 +101,6 @@ def subsample(items: Sequence[T], max_items: int | None, seed: int | str = 0) ->
     return [items[k] for k in keep]
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB (EXIF rotation applied, transparency on white) with a one-line error."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserInputError(f"cannot read image {path}: {exc}") from None
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def square_resize(img: Image.Image, size: int) -> Image.Image:
     """Scale the shorter side to ``size`` and centre-crop to ``size x size`` (training resolution)."""
     w, h = img.size
@@ -126,8 +112,8 @@ def square_resize(img: Image.Image, size: int) -> Image.Image:
 
 
 def convert_image(src: Path, dst: Path, size: int | None = None) -> None:
-    """Write ``src`` as an RGB PNG at ``dst`` (optionally square-resized to ``size``)."""
-    img = load_rgb(src)
+    """Write ``src`` as an RGB PNG at ``dst`` (converted as ``learn`` converts it; optionally square-resized)."""
+    img = load_image(src)
     if size is not None:
         img = square_resize(img, size)
     img.save(dst, format="PNG")
@@ -218,7 +204,6 @@ __all__ = [
     "clean_name",
     "convert_image",
     "image_files",
-    "load_rgb",
     "select",
     "split_train_eval",
     "square_resize",

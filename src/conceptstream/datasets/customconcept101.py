@@ -29,9 +29,9 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from conceptstream.concepts.folder import ConceptFolder
 from conceptstream.datasets.common import ConceptSource, clean_name, image_files, select, subsample, write_sources
 from conceptstream.errors import UserInputError
-from conceptstream.world.folders import ConceptFolder
 
 _NOUN_RE = re.compile(r"<new\d*>\s+(.+?)[\s.]*$")
 

@@ -23,9 +23,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from conceptstream.concepts.folder import ConceptFolder
 from conceptstream.datasets.common import ConceptSource, subsample, write_sources
 from conceptstream.errors import UserInputError
-from conceptstream.world.folders import ConceptFolder
 
 
 def image_path(src: Path, image_id: str) -> Path:

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from conceptstream.concepts.folder import ConceptFolder
 from conceptstream.datasets.common import ConceptSource, clean_name, image_files, select, subsample, write_sources
 from conceptstream.errors import UserInputError
-from conceptstream.world.folders import ConceptFolder
 
 # Class nouns for the concepts released with Textual Inversion (the objects shown in the paper).
 TI_NOUNS: dict[str, str] = {

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from conceptstream.concepts.images import to_rgb  # transparent pixels become white, as in learn
 from conceptstream.errors import UserInputError
 
 DEFAULT_SPEC = "efficientnet-lite0"
@@ -27,15 +28,6 @@ SPEC_CHOICES = "'efficientnet-lite0' (default), 'clip:PATH_OR_ID', 'dino:PATH_OR
 
 _CACHE: dict[tuple[str, str], Any] = {}
 _CACHE_LOCK = threading.Lock()
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of ``image``; transparent pixels become white (not black) so cut-outs look like photos."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 class FeatureExtractor(ABC):

@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from conceptstream.evaluation.variants import slug as _slug
 from conceptstream.safeio import atomic_path, write_text_atomic
 
 # (summary key, table header, higher is better, decimals)
@@ -62,12 +63,6 @@ def _save_image(image: Image.Image, path: Path) -> None:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._=+-]", "-", text)
 
 
 # ------------------------------------------------------------------------------ tables
@@ -314,10 +309,10 @@ def _first_seed(doc: Mapping[str, Any], label: str) -> dict[str, Any] | None:
     return seeds[sorted(seeds, key=int)[0]] if seeds else None
 
 
-def _real_image(doc: Mapping[str, Any], concept: Mapping[str, Any]) -> Image.Image | None:
-    from conceptstream.world.folders import list_images
+def _real_image(doc: Mapping[str, Any], concept: Mapping[str, Any], out: Path) -> Image.Image | None:
+    from conceptstream.concepts.folder import list_images
 
-    folder = Path(doc["settings"]["data"]) / concept["name"] / "eval"
+    folder = Path(out) / doc["settings"]["data"] / concept["name"] / "eval"  # relative to out (older: absolute)
     if not folder.is_dir():
         return None
     paths = list_images(folder)
@@ -335,7 +330,7 @@ def final_grid(doc: Mapping[str, Any], out: Path, path: Path) -> bool:
         return False
     cells = []
     for i, c in enumerate(concepts):
-        row = [_real_image(doc, c)]
+        row = [_real_image(doc, c, out)]
         for lb in labels:
             run = _first_seed(doc, lb)
             last = run["tasks"][-1]

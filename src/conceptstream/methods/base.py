@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptstream.adapters.registry import adapter_parameters
+from conceptstream.methods.config import SettingSpec, TrainConfig, setting_specs
 from conceptstream.scoring.dc import DiffusionClassifier, candidate_subset
 
 
@@ -108,6 +109,9 @@ class ContinualMethod:
     include_noun: ClassVar[bool] = True
     # How the method's saved state grows with the number of tasks (documented in `info`).
     state_growth: ClassVar[str] = "none beyond one token row per concept"
+    # The config dataclasses whose fields are the method's settings (methods/config.py), in manifest order.
+    configs: ClassVar[tuple[type, ...]] = (TrainConfig,)
+    # Overrides of the configs' defaults for one method (none of the built-in methods needs one).
     defaults: ClassVar[dict[str, Any]] = {}
     # A method whose best adapter step differs from the adapter kind's default, by adapter kind.
     adapter_lr: ClassVar[dict[str, float]] = {}
@@ -115,19 +119,34 @@ class ContinualMethod:
     adapter_kinds: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, **hparams: Any) -> None:
-        unknown = set(hparams) - set(self.all_defaults())
+        """Settings are the configs' defaults updated by ``hparams``. Only the names are checked here:
+        user values are checked by ``methods.registry.validate_settings``, and a saved state's are taken
+        as they were saved."""
+        defaults = self.all_defaults()
+        unknown = set(hparams) - set(defaults)
         if unknown:
             from conceptstream.errors import UserInputError
 
             raise UserInputError(f"method {self.name!r} has no setting(s) {sorted(unknown)}; "
-                                 f"it takes: {', '.join(sorted(self.all_defaults()))}")
-        self.hparams = {**self.all_defaults(), **hparams}
+                                 f"it takes: {', '.join(sorted(defaults))}")
+        self.hparams = {**defaults, **hparams}
+
+    @classmethod
+    def setting_specs(cls) -> dict[str, SettingSpec]:
+        """Every setting of the method (the fields of its configs) with its type, range and help."""
+        return setting_specs(cls.configs)
 
     @classmethod
     def all_defaults(cls) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
+        """``{setting: default}``: the configs' field defaults, then the method's ``defaults`` overrides."""
+        merged = {name: spec.default for name, spec in cls.setting_specs().items()}
         for klass in reversed(cls.__mro__):
-            merged.update(getattr(klass, "defaults", {}) or {})
+            overrides = klass.__dict__.get("defaults") or {}
+            unknown = set(overrides) - set(merged)
+            if unknown:
+                raise TypeError(f"{klass.__name__}.defaults overrides {sorted(unknown)}, which none of its "
+                                "configs declares")
+            merged.update(overrides)
         return merged
 
     # -- what is trained ---------------------------------------------------------------------
@@ -176,11 +195,3 @@ class ContinualMethod:
         cond = ctx.encode([ctx.prompt(ctx.current)] * b)
         pred = ctx.unet(ctx.dc.noisy(z, t, noise), t, cond).sample
         return F.mse_loss(pred.float(), noise.float())
-
-
-BASE_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-3,  # adapter learning rate on LoRA; the adapter kind sets its own (methods.registry.method_defaults)
-    "token_lr": 5e-3,
-    "batch_size": 4,
-}
-ContinualMethod.defaults = dict(BASE_DEFAULTS)

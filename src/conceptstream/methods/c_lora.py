@@ -13,13 +13,24 @@ every step so the paper's claim that the norm collapses can be checked.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from conceptstream.adapters.registry import adapter_parameters, trainable_values
 from conceptstream.methods.base import ContinualMethod, TaskContext
-from conceptstream.methods.registry import register
+from conceptstream.methods.config import DEFAULTS_DOC, TrainConfig, setting
+from conceptstream.methods.registration import register
+
+
+@dataclass
+class CLoRAConfig:
+    """C-LoRA's own setting."""
+
+    # measured on tabletop-6 (docs/DEFAULTS.md); 1e4 and up collapse the new LoRA
+    clora_lambda: float = setting(1e3, "weight of the penalty on the new LoRA where past updates were large",
+                                  f"{DEFAULTS_DOC}#c-lora-clora_lambda-and-the-norm-collapse", ge=0)
 
 
 def lora_modules(unet) -> dict[str, Any]:
@@ -41,7 +52,7 @@ class CLoRA(ContinualMethod):
     random_token_init = True
     include_noun = False
     state_growth = "one LoRA (rank r) per task: the locked past updates"
-    defaults = {"clora_lambda": 1e3}  # measured on tabletop-6 (docs/DEFAULTS.md); 1e4 and up collapse the new LoRA
+    configs = (TrainConfig, CLoRAConfig)
     # 3x the shared LoRA rate: better A_MMD on 3/3 tabletop-6 seeds (benchmarks/results/sweeps/c-lora-lr/)
     adapter_lr = {"lora": 3e-3}
     adapter_kinds = ("lora",)  # its penalty is on the dense B @ A products of past LoRAs

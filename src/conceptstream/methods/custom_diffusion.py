@@ -7,12 +7,22 @@ an exact full-rank LoRA (``A = I``, ``B = delta``) that stock diffusers loads.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from conceptstream.methods.base import ContinualMethod, TaskContext
-from conceptstream.methods.registry import register
+from conceptstream.methods.config import TrainConfig, setting
+from conceptstream.methods.registration import register
+
+
+@dataclass
+class CustomDiffusionConfig(TrainConfig):
+    """Training settings of Custom Diffusion: ``lr`` is the rate of the K/V weights themselves."""
+
+    lr: float = setting(1e-4, "learning rate of the cross-attention K/V weights, trained directly without an adapter",
+                        gt=0)
 
 
 def cross_kv_layers(unet) -> dict[str, torch.nn.Linear]:
@@ -25,7 +35,7 @@ class CustomDiffusion(ContinualMethod):
     name = "custom-diffusion"
     uses_adapter = False
     state_growth = "constant (one delta per cross-attention K/V weight)"
-    defaults = {"lr": 1e-4}
+    configs = (CustomDiffusionConfig,)
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)

@@ -1,91 +1,18 @@
-"""Diffusion Scores Consolidation (the paper's function-space method): double distillation.
-
-After task n (n > 1): teacher 1 = the adapter just trained (frozen copy), student = initialised
-from it, teacher 2 = a past adapter drawn from the pool (redrawn every ``dsc_redraw_every``
-iterations). Inputs are noisy *current* images only; one x_t goes to all three models.
-
-``L = w_dc * [H(p_T1, p_S) + H(p_T2, p_S)] + w_eps * [||eps_T1(c_n) - eps_S(c_n)||^2 + ||eps_T2(c_j) - eps_S(c_j)||^2]``
-
-with DC distributions over c_0 + a subset of seen concepts that contains n and j. Teachers run
-through ``torch.func.functional_call`` with their own adapter values on the same UNet, so no
-model copies are made. The pool grows by one adapter per task (stored in the method state).
-"""
+"""The DSC methods: sequential adapter training with Diffusion Scores Consolidation after each task
+(alone, with EWC, or with EWC-DC); the consolidation phase is :mod:`conceptstream.methods.consolidation`."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch.func import functional_call
-
-from conceptstream.adapters.registry import adapter_parameters, trainable_values
-from conceptstream.methods.base import TaskContext
-from conceptstream.methods.registry import register
+from conceptstream.methods.config import DCScoresConfig, DCTermConfig, DSCConfig, EWCConfig, TrainConfig
+from conceptstream.methods.registration import register
 from conceptstream.methods.regularised import RegularisedAdapterMethod
-
-
-def _teacher_forward(unet, values: dict[str, torch.Tensor]):
-    def forward(x, t, h):
-        with torch.no_grad():
-            return functional_call(unet, values, (x, t, h), strict=False).sample
-
-    return forward
-
-
-def consolidate(method: RegularisedAdapterMethod, ctx: TaskContext) -> None:
-    """Run the DSC phase in place on the UNet's adapter (the student)."""
-    from tqdm.auto import tqdm
-
-    h = method.hparams
-    unet, dc = ctx.unet, ctx.dc
-    teacher1 = trainable_values(unet)
-    params = list(adapter_parameters(unet).values())
-    opt = torch.optim.AdamW(params, lr=h["lr"], weight_decay=0.0)
-    n_past = len(method.pool)
-    cur = ctx.n_seen - 1
-    j = 0
-    bar = tqdm(range(h["dsc_iters"]), desc="DSC consolidation", leave=False, disable=not ctx.progress)
-    for it in bar:
-        if it % max(1, h["dsc_redraw_every"]) == 0:
-            j = int(torch.randint(0, n_past, (1,), generator=ctx.generator))
-        teacher2 = method.pool[j]
-        z = ctx.sample_latents(h["batch_size"])
-        with torch.no_grad():
-            cond, concept_of, _ = ctx.dc_candidates(h["dc_k"], required=(j,))
-        pos_n, pos_j = concept_of.index(cur), concept_of.index(j)
-        t, noise = dc.sample_draw(z, ctx.generator)
-        err_s, pred_s = _errors_and_preds(dc, z, cond, t, noise, None)
-        err_1, pred_1 = _errors_and_preds(dc, z, cond, t, noise, _teacher_forward(unet, teacher1))
-        err_2, pred_2 = _errors_and_preds(dc, z, cond, t, noise, _teacher_forward(unet, teacher2))
-        logp_s = dc.log_probs(err_s)
-        ce = -(dc.log_probs(err_1).exp() * logp_s).sum(-1).mean() - (dc.log_probs(err_2).exp() * logp_s).sum(-1).mean()
-        mse = F.mse_loss(pred_s[:, pos_n], pred_1[:, pos_n]) + F.mse_loss(pred_s[:, pos_j], pred_2[:, pos_j])
-        loss = h["dsc_w_dc"] * ce + h["dsc_w_eps"] * mse
-        if method.ewc_source and method.ewc.fisher:
-            loss = loss + method.ewc.penalty(unet, h["ewc_lambda"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ctx.logs.append({"phase": "dsc", "iter": it, "dsc_ce": ce.item(), "dsc_mse": mse.item(), "teacher2": j})
-
-
-def _errors_and_preds(dc, z, cond, t, noise, forward):
-    """DC errors [B, K] plus the noise predictions [B, K, C, H, W] they came from."""
-    preds = {}
-
-    def capture(x, tt, hh):
-        out = forward(x, tt, hh) if forward is not None else dc.unet(x, tt, hh).sample
-        preds["p"] = out
-        return out
-
-    err = dc.errors(z, cond, t, noise, capture)
-    b, k = err.shape
-    return err, preds["p"].view(b, k, *z.shape[1:])
 
 
 @register
 class DSC(RegularisedAdapterMethod):
     name = "dsc"
     use_dsc = True
+    configs = (TrainConfig, DCScoresConfig, DSCConfig)
 
 
 @register
@@ -93,6 +20,7 @@ class DSCEWC(RegularisedAdapterMethod):
     name = "dsc-ewc"
     use_dsc = True
     ewc_source = "denoise"
+    configs = (TrainConfig, EWCConfig, DCScoresConfig, DSCConfig)
 
 
 @register
@@ -101,3 +29,4 @@ class DSCEWCDC(RegularisedAdapterMethod):
     use_dsc = True
     ewc_source = "dc"
     use_dc_term = True
+    configs = (TrainConfig, EWCConfig, DCTermConfig, DCScoresConfig, DSCConfig)

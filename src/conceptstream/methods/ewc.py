@@ -16,8 +16,6 @@ import torch
 from conceptstream.adapters.registry import adapter_parameters
 from conceptstream.methods.base import TaskContext
 
-EWC_DEFAULTS = {"ewc_lambda": 100.0, "ewc_gamma": 1.0, "fisher_passes": 2, "fisher_norm": True}
-
 
 class EWCState:
     """Fisher + anchor and the quadratic penalty."""

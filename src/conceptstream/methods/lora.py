@@ -1,6 +1,6 @@
 """Sequential LoRA: keep training one adapter, no regularisation (the forgetting baseline)."""
 
-from conceptstream.methods.registry import register
+from conceptstream.methods.registration import register
 from conceptstream.methods.regularised import RegularisedAdapterMethod
 
 

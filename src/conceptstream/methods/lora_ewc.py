@@ -1,6 +1,7 @@
 """LoRA EWC: EWC on the adapter with the Fisher from the plain denoising loss (paper baseline)."""
 
-from conceptstream.methods.registry import register
+from conceptstream.methods.config import EWCConfig, TrainConfig
+from conceptstream.methods.registration import register
 from conceptstream.methods.regularised import RegularisedAdapterMethod
 
 
@@ -8,3 +9,4 @@ from conceptstream.methods.regularised import RegularisedAdapterMethod
 class LoRAEWC(RegularisedAdapterMethod):
     name = "lora-ewc"
     ewc_source = "denoise"
+    configs = (TrainConfig, EWCConfig)

@@ -1,17 +1,16 @@
-"""Registry of continual methods: a new method is one module plus one ``@register`` line."""
+"""Looking up continual methods: by name, their defaults, and validation of user settings.
+
+A new method is one module (with its config dataclass) plus one ``@register`` line
+(:mod:`conceptstream.methods.registration`) and its import in ``_load_builtin`` below.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from conceptstream.errors import UserInputError
-
-METHODS: dict[str, type] = {}
-
-
-def register(cls: type) -> type:
-    METHODS[cls.name] = cls
-    return cls
+from conceptstream.methods.registration import METHODS
 
 
 def get_method(name: str) -> type:
@@ -34,6 +33,26 @@ def method_defaults(name: str, adapter: str | None = "lora") -> dict[str, Any]:
                                  f"{adapter!r}; use --adapter {cls.adapter_kinds[0]} or another method")
         defaults["lr"] = cls.adapter_lr[adapter] if adapter in cls.adapter_lr else adapter_default_lr(adapter)
     return defaults
+
+
+def validate_settings(method: str, settings: Mapping[str, Any], adapter: str | None = "lora", *,
+                      flag: str = "--set") -> dict[str, Any]:
+    """``settings`` converted to their fields' types (``"1e-3"``, ``"4"``, ``"true"`` from the command line)
+    and checked against their ranges; only the given keys are returned.
+
+    An unknown key, a wrong type or an out-of-range value raises a one-line UserInputError naming the key,
+    the value and what is allowed (``flag`` names where it came from: ``--set``, ``--sweep``). ``adapter``
+    also refuses a method not defined on that adapter kind (None: not checked).
+    """
+    method_defaults(method, adapter)  # unknown method, or a method not defined on this adapter kind
+    specs = get_method(method).setting_specs()
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key not in specs:
+            raise UserInputError(f"{flag} {key}={value}: method {method!r} has no setting {key!r}; it takes: "
+                                 f"{', '.join(sorted(specs))}")
+        out[key] = specs[key].convert(value, flag)
+    return out
 
 
 def fixed_adapter(name: str) -> str | None:

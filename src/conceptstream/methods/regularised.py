@@ -11,9 +11,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from conceptstream.adapters.registry import trainable_values
 from conceptstream.methods.base import ContinualMethod, TaskContext
+from conceptstream.methods.config import DCScoresConfig, DCTermConfig, DSCConfig, EWCConfig, TrainConfig
+from conceptstream.methods.consolidation import consolidate
 from conceptstream.methods.ewc import (
-    EWC_DEFAULTS,
     EWCState,
     dc_log_likelihood,
     dc_term,
@@ -21,33 +23,32 @@ from conceptstream.methods.ewc import (
     estimate_fisher,
 )
 
-# dc_temperature mirrors DCConfig.temperature so that --set/--sweep can reach it (the engine keeps both in step)
-DC_DEFAULTS = {"dc_delta": 0.1, "dc_k": 2, "dc_batch": 1, "dc_temperature": 0.005}
-DSC_DEFAULTS = {"dsc_iters": 25, "dsc_redraw_every": 1, "dsc_w_dc": 1.0, "dsc_w_eps": 1.0}
-
 
 class RegularisedAdapterMethod(ContinualMethod):
-    """Sequential adapter training + switchable regularisers."""
+    """Sequential adapter training + switchable regularisers.
+
+    A subclass sets the switches and declares the configs they read (checked when it is defined):
+    EWC -> ``EWCConfig``, the DC term -> ``DCTermConfig``, anything scored by DC (the DC term, the
+    DC Fisher, DSC) -> ``DCScoresConfig``, DSC -> ``DSCConfig``.
+    """
 
     ewc_source: ClassVar[str | None] = None  # None | "denoise" | "dc"
     use_dc_term: ClassVar[bool] = False
     use_dsc: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        needed = {TrainConfig: True, EWCConfig: cls.ewc_source is not None, DCTermConfig: cls.use_dc_term,
+                  DCScoresConfig: cls.use_dc_term or cls.ewc_source == "dc" or cls.use_dsc, DSCConfig: cls.use_dsc}
+        wanted = tuple(config for config, on in needed.items() if on)
+        if tuple(cls.configs) != wanted:
+            raise TypeError(f"{cls.__name__} switches on regularisers that read "
+                            f"{[c.__name__ for c in wanted]} but declares configs {[c.__name__ for c in cls.configs]}")
+
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
         self.ewc = EWCState()
         self.pool: list[dict[str, torch.Tensor]] = []  # DSC: adapter after each task
-
-    @classmethod
-    def all_defaults(cls) -> dict[str, Any]:
-        d = super().all_defaults()
-        if cls.ewc_source:
-            d.update(EWC_DEFAULTS)
-        if cls.use_dc_term or cls.ewc_source == "dc" or cls.use_dsc:
-            d.update({k: v for k, v in DC_DEFAULTS.items() if k != "dc_delta" or cls.use_dc_term})
-        if cls.use_dsc:
-            d.update(DSC_DEFAULTS)
-        return d
 
     @property
     def state_growth(self) -> str:  # type: ignore[override]
@@ -73,12 +74,12 @@ class RegularisedAdapterMethod(ContinualMethod):
 
     def after_task(self, ctx: TaskContext) -> None:
         if self.use_dsc and self.pool:
-            from conceptstream.methods.dsc import consolidate
-
-            consolidate(self, ctx)
+            penalty = None
+            if self.ewc_source and self.ewc.fisher:
+                def penalty():
+                    return self.ewc.penalty(ctx.unet, self.hparams["ewc_lambda"])
+            consolidate(ctx, self.pool, self.hparams, penalty)
         if self.use_dsc:
-            from conceptstream.adapters.registry import trainable_values
-
             self.pool.append(trainable_values(ctx.unet))
         if self.ewc_source:
             h = self.hparams

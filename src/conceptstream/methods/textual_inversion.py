@@ -5,11 +5,12 @@ plasticity that the adapter methods are compared against.
 """
 
 from conceptstream.methods.base import ContinualMethod
-from conceptstream.methods.registry import register
+from conceptstream.methods.config import TrainConfig
+from conceptstream.methods.registration import register
 
 
 @register
 class TextualInversion(ContinualMethod):
     name = "textual-inversion"
     uses_adapter = False
-    defaults = {"token_lr": 5e-3}
+    configs = (TrainConfig,)  # lr is unused (nothing but the token trains) and kept for older manifests

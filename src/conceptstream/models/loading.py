@@ -51,7 +51,7 @@ def check_pipeline_folder(path: Path) -> None:
     if not index.is_file():
         raise UserInputError(f"{path} is not a Stable Diffusion pipeline folder (no model_index.json); "
                              "save one with StableDiffusionPipeline.save_pretrained or pass 'tiny'")
-    from conceptstream.world.folders import read_user_json
+    from conceptstream.concepts.folder import read_user_json
 
     meta = read_user_json(index)
     missing = [c for c in REQUIRED_COMPONENTS if c not in meta]

@@ -12,8 +12,8 @@ import re
 import torch
 from torch import nn
 
+from conceptstream.concepts.folder import validate_token
 from conceptstream.errors import UserInputError
-from conceptstream.world.folders import validate_token
 
 TOKEN_IN_PROMPT = re.compile(r"<[^<>\s]+>")
 

@@ -14,21 +14,47 @@ so the temperature must be small), ``"sum"`` sums them (gaps grow with latent si
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from conceptstream.errors import UserInputError
+from conceptstream.methods.config import DCScoresConfig, setting, setting_specs
+
 
 @dataclass
 class DCConfig:
-    """Settings of DC scores; see the module docstring for what the scale means."""
+    """Settings of DC scores; see the module docstring for what the scale means.
 
-    temperature: float = 0.005  # typical |e_i - e_true| on the tiny model is ~0.006 (mean reduction)
-    reduction: str = "mean"
-    eval_timesteps: int = 8  # stratified t for evaluation mode
-    t_min: int = 100  # training draws t in [t_min, t_max): very low/high t carry little class signal
-    t_max: int = 900
+    ``temperature`` is the method setting ``dc_temperature`` (``DCScoresConfig``, its one home) as the
+    scorer sees it: its default is that setting's, and a stream keeps the two equal
+    (``engine.one_dc_temperature``). Saved manifests record both.
+    """
+
+    # typical |e_i - e_true| on the tiny model is ~0.006 (mean reduction)
+    temperature: float = setting(DCScoresConfig.dc_temperature,
+                                 "softmax temperature of DC scores; a DC method sets it as dc_temperature", gt=0)
+    reduction: str = setting("mean", "how squared errors are reduced over latent elements", choices=("mean", "sum"))
+    eval_timesteps: int = setting(8, "stratified timesteps averaged in evaluation mode", ge=1)
+    # training draws t in [t_min, t_max): very low/high t carry little class signal
+    t_min: int = setting(100, "lowest training timestep", ge=0)
+    t_max: int = setting(900, "training timesteps are drawn below this", ge=1)
+
+    @classmethod
+    def from_user(cls, values: Mapping[str, Any]) -> DCConfig:
+        """A DC config from user values (``api.learn(dc=...)``); a bad key or value is a one-line UserInputError."""
+        specs = setting_specs((cls,))
+        for key in values:
+            if key not in specs:
+                raise UserInputError(f"dc {key}={values[key]}: the DC config has no setting {key!r}; it takes: "
+                                     f"{', '.join(specs)}")
+        config = cls(**{key: specs[key].convert(value, "dc") for key, value in values.items()})
+        if not config.t_min < config.t_max:
+            raise UserInputError(f"dc t_min={config.t_min}, t_max={config.t_max}: t_min must be below t_max")
+        return config
 
     def validate(self) -> DCConfig:
         if self.reduction not in ("mean", "sum"):

@@ -18,7 +18,6 @@ readers. Only safetensors files are ever loaded: pickle files can run code when 
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 import fcntl
 import json
@@ -40,6 +39,7 @@ from safetensors.torch import save as _safetensors_bytes
 from conceptstream.errors import StateError
 from conceptstream.safeio import atomic_path, fsync_dir, write_text_atomic
 from conceptstream.state.manifest import read_manifest_file, validate_manifest
+from conceptstream.system import utc_now
 
 CURRENT = "CURRENT"
 LOCK = ".lock"
@@ -63,10 +63,6 @@ CRASH_POINTS = ("tmp-created", "tensor-written", "manifest-written", "generation
 def _crash_point(name: str) -> None:
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _file_name(name: str) -> str:
@@ -508,7 +504,7 @@ class StateStore:
         token = secrets.token_hex(4)
         names = {name[: -len(SUFFIX)]: f"{name[: -len(SUFFIX)]}.{token}{SUFFIX}" for name in files}
         try:
-            record = json.dumps({"format_version": 1, "generation": live, "saved_at": _now(),
+            record = json.dumps({"format_version": 1, "generation": live, "saved_at": utc_now(),
                                  "files": names, "info": info}, indent=2) + "\n"
         except (TypeError, ValueError) as exc:
             raise StateError(f"checkpoint info cannot be saved as JSON: {exc}") from None

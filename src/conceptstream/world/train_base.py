@@ -3,15 +3,16 @@
 One reproducible, resumable command (``conceptstream world train-base``). All state lives in a
 work directory; every ``checkpoint_every`` steps the weights, EMA weights, optimizer state and
 progress are written atomically (safetensors + JSON), so a killed run resumes where it stopped.
+The training data is in :mod:`~conceptstream.world.base_data`, the exported README in
+:mod:`~conceptstream.world.model_card`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import platform
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from conceptstream.safeio import (
     write_json_atomic,
     write_text_atomic,
 )
-from conceptstream.world.catalogue import BASE_CLASSES
+from conceptstream.world.base_data import draw_latents, render_dataset, to_tensor
+from conceptstream.world.model_card import base_model_card
 
 
 @dataclass
@@ -43,6 +45,11 @@ class BaseTrainingConfig:
     vae_lr: float = 2e-4
     unet_lr: float = 3e-4
     text_lr: float = 1e-4
+    # UNet stage learning-rate schedule (diffusers.optimization.get_scheduler): its name, and the
+    # linear warm-up steps; it spans the planned ``unet_steps`` (restarted, over the steps left, when
+    # seeded from an export with ``init_from``).
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 500
     kl_weight: float = 1e-6
     latent_channels: int = 4  # the bundled model's; 8 is the planned fix for the VAE ceiling (README)
     # Stage 2: sharpen the decoder with a patch discriminator, encoder frozen, so latents (and the
@@ -69,46 +76,15 @@ class _Stop(Exception):
     pass
 
 
-def render_dataset(workdir: Path, images_per_class: int, seed: int, progress: bool = True):
-    """Render (or load the cached) base-class training set: uint8 images and captions."""
-    from tqdm.auto import tqdm
+def unet_lr_schedule(opt: torch.optim.Optimizer, cfg: BaseTrainingConfig, step: int, warm_start: int = 0):
+    """diffusers' ``get_scheduler(cfg.lr_scheduler)`` over ``warm_start .. cfg.unet_steps``, positioned at
+    global ``step`` (a resumed run continues the schedule; the rate is a pure function of the step)."""
+    from diffusers.optimization import get_scheduler
 
-    from conceptstream.world.render import TabletopRenderer
-
-    img_path, cap_path = workdir / "data" / "images.npy", workdir / "data" / "captions.json"
-    if img_path.exists() and cap_path.exists():
-        images = np.load(img_path, allow_pickle=False)
-        captions = json.loads(cap_path.read_text())
-        if len(captions) == images.shape[0] == images_per_class * len(BASE_CLASSES):
-            return images, captions
-    renderer = TabletopRenderer(64)
-    images, captions = [], []
-    total = images_per_class * len(BASE_CLASSES)
-    with tqdm(total=total, desc="render base classes", disable=not progress) as bar:
-        for cls in BASE_CLASSES:
-            for i in range(images_per_class):
-                r = renderer.render_class(cls, i, seed)
-                images.append(np.asarray(r.image))
-                captions.append(r.caption)
-                bar.update()
-    renderer.close()
-    arr = np.stack(images)
-    img_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = img_path.with_suffix(".tmp.npy")
-    np.save(tmp, arr, allow_pickle=False)
-    tmp.replace(img_path)
-    write_json_atomic(cap_path, captions)
-    return arr, captions
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def _draw_latents(lat_mean: torch.Tensor, lat_std: torch.Tensor, n: int, g: torch.Generator):
-    """A seeded batch: random dataset indices and one posterior sample of each image's latent."""
-    idx = torch.randint(0, len(lat_mean), (n,), generator=g)
-    return idx, lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
+                         num_training_steps=max(1, cfg.unet_steps - warm_start), last_epoch=step - warm_start - 1)
 
 
 def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
@@ -128,6 +104,11 @@ class BaseTrainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if cfg.latent_channels < 1:
             raise UserInputError(f"--latent-channels must be >= 1, got {cfg.latent_channels}")
+        if cfg.lr_warmup_steps < 0:
+            raise UserInputError(f"lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
+        schedulers = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+        if cfg.lr_scheduler not in schedulers:
+            raise UserInputError(f"lr_scheduler {cfg.lr_scheduler!r} is not one of {', '.join(schedulers)}")
         self.components = build_components(cfg.seed, cfg.latent_channels)
         self.state_path = self.workdir / "progress.json"
         self.state = {"vae_step": 0, "decoder_step": 0, "unet_step": 0, "wall_seconds": 0.0, "scaling_factor": None,
@@ -189,45 +170,72 @@ class BaseTrainer:
             return True
         return False
 
-    # -- stage 1: VAE --------------------------------------------------------------------------
-    def train_vae(self, images: np.ndarray) -> None:
+    def _run_stage(self, desc: str, step: int, total: int, seed_stride: int,
+                   train_step: Callable[[torch.Generator], dict[str, str]], checkpoint: Callable[[int], None],
+                   after: Callable[[int, bool], None] | None = None) -> None:
+        """Steps ``step+1 .. total`` of one stage, each with its own seeded generator.
+
+        ``train_step`` returns the progress-bar fields; ``checkpoint(step)`` runs every
+        ``checkpoint_every`` steps, at the last step and on a stop request, which then raises
+        :class:`_Stop`; ``after(step, stopping)`` runs after every step.
+        """
         from tqdm.auto import tqdm
 
+        bar = tqdm(total=total, initial=step, desc=desc, disable=not self.progress)
+        try:
+            while step < total:
+                postfix = train_step(torch.Generator().manual_seed(self.cfg.seed * seed_stride + step))
+                step += 1
+                bar.update()
+                bar.set_postfix(**postfix)
+                stop = self._should_stop()
+                if step % self.cfg.checkpoint_every == 0 or step == total or stop:
+                    checkpoint(step)
+                if after is not None:
+                    after(step, stop)
+                if stop:
+                    raise _Stop
+        finally:
+            bar.close()
+
+    def _record(self, stage: str, key: str, step: int, *values: float) -> None:
+        """Save the stage's step and a loss record to ``progress.json``."""
+        self.state[key] = step
+        self.state["losses"].setdefault(stage, []).append([step, *values])
+        self._save_state()
+
+    # -- stage 1: VAE --------------------------------------------------------------------------
+    def train_vae(self, images: np.ndarray) -> None:
         cfg, vae = self.cfg, self.components["vae"]
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-        ck = self.workdir / "vae.safetensors"
+        ck, opt_path = self.workdir / "vae.safetensors", self.workdir / "vae_opt.safetensors"
         if ck.exists():
             vae.load_state_dict(load_tensors(ck))
-            if (self.workdir / "vae_opt.safetensors").exists():
-                optimizer_from_tensors(opt, *load_tensors_with_metadata(self.workdir / "vae_opt.safetensors"))
-        step = self.state["vae_step"]
-        if step >= cfg.vae_steps:
+            if opt_path.exists():
+                optimizer_from_tensors(opt, *load_tensors_with_metadata(opt_path))
+        if self.state["vae_step"] >= cfg.vae_steps:
             return
         vae.train()
-        bar = tqdm(total=cfg.vae_steps, initial=step, desc="train VAE", disable=not self.progress)
-        while step < cfg.vae_steps:
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        last: dict[str, float] = {}
+
+        def train_step(g: torch.Generator) -> dict[str, str]:
             idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
-            x = _to_tensor(images[idx.numpy()])
+            x = to_tensor(images[idx.numpy()])
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample(generator=g)).sample
             loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps or self._should_stop():
-                save_tensors_atomic(vae.state_dict(), ck)
-                _save_optimizer(opt, self.workdir / "vae_opt.safetensors")
-                self.state["vae_step"] = step
-                self.state["losses"].setdefault("vae", []).append([step, round(loss.item(), 5)])
-                self._save_state()
-                if self._should_stop():
-                    bar.close()
-                    raise _Stop
-        bar.close()
+            last["loss"] = loss.item()
+            return {"loss": f"{last['loss']:.4f}"}
+
+        def checkpoint(step: int) -> None:
+            save_tensors_atomic(vae.state_dict(), ck)
+            _save_optimizer(opt, opt_path)
+            self._record("vae", "vae_step", step, round(last["loss"], 5))
+
+        self._run_stage("train VAE", self.state["vae_step"], cfg.vae_steps, 1_000_003, train_step, checkpoint)
 
     @torch.no_grad()
     def encode_latents(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +248,7 @@ class BaseTrainer:
         vae.eval()
         means, stds = [], []
         for i in range(0, len(images), 256):
-            post = vae.encode(_to_tensor(images[i : i + 256])).latent_dist
+            post = vae.encode(to_tensor(images[i : i + 256])).latent_dist
             means.append(post.mean)
             stds.append(post.std)
         mean, std = torch.cat(means), torch.cat(stds)
@@ -253,8 +261,6 @@ class BaseTrainer:
     def train_decoder(self, images: np.ndarray, lat_mean: torch.Tensor, lat_std: torch.Tensor) -> None:
         """Fine-tune the VAE decoder with L1 + L2 + an adaptively weighted hinge GAN loss (as in
         VQGAN / the SD autoencoders). Only the decoder moves, so the latents do not change."""
-        from tqdm.auto import tqdm
-
         from conceptstream.world.tiny_model import build_patch_discriminator
 
         cfg, vae = self.cfg, self.components["vae"]
@@ -276,12 +282,11 @@ class BaseTrainer:
             optimizer_from_tensors(opt_d, *load_tensors_with_metadata(files["disc_opt"]))
         last_layer = vae.decoder.conv_out.weight
         vae.train()
-        bar = tqdm(total=cfg.decoder_steps, initial=step, desc="sharpen decoder", disable=not self.progress)
-        running = None
-        while step < cfg.decoder_steps:
-            g = torch.Generator().manual_seed(cfg.seed * 3_000_017 + step)
-            idx, z = _draw_latents(lat_mean, lat_std, cfg.decoder_batch_size, g)
-            x = _to_tensor(images[idx.numpy()])
+        last: dict[str, float] = {}
+
+        def train_step(g: torch.Generator) -> dict[str, str]:
+            idx, z = draw_latents(lat_mean, lat_std, cfg.decoder_batch_size, g)
+            x = to_tensor(images[idx.numpy()])
             rec = vae.decode(z).sample
             rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
             gan_loss = -disc(rec).mean()
@@ -297,28 +302,24 @@ class BaseTrainer:
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
-            step += 1
-            running = rec_loss.item() if running is None else 0.98 * running + 0.02 * rec_loss.item()
-            bar.update()
-            bar.set_postfix(rec=f"{running:.4f}", d=f"{d_loss.item():.3f}")
-            stop = self._should_stop()
-            if step % cfg.checkpoint_every == 0 or step == cfg.decoder_steps or stop:
-                save_tensors_atomic(vae.state_dict(), self.workdir / "vae.safetensors")
-                save_tensors_atomic(disc.state_dict(), files["disc"])
-                _save_optimizer(opt_g, files["decoder_opt"])
-                _save_optimizer(opt_d, files["disc_opt"])
-                self.state["decoder_step"] = step
-                self.state["losses"].setdefault("decoder", []).append([step, round(running, 5), round(d_loss.item(), 4)])
-                self._save_state()
-            if stop:
-                bar.close()
-                raise _Stop
-        bar.close()
+            running = last.get("running")
+            last["running"] = rec_loss.item() if running is None else 0.98 * running + 0.02 * rec_loss.item()
+            last["d_loss"] = d_loss.item()
+            return {"rec": f"{last['running']:.4f}", "d": f"{last['d_loss']:.3f}"}
+
+        def checkpoint(step: int) -> None:
+            save_tensors_atomic(vae.state_dict(), self.workdir / "vae.safetensors")
+            save_tensors_atomic(disc.state_dict(), files["disc"])
+            _save_optimizer(opt_g, files["decoder_opt"])
+            _save_optimizer(opt_d, files["disc_opt"])
+            self._record("decoder", "decoder_step", step, round(last["running"], 5), round(last["d_loss"], 4))
+
+        self._run_stage("sharpen decoder", step, cfg.decoder_steps, 3_000_017, train_step, checkpoint)
         vae.requires_grad_(True)
 
     # -- stage 3: UNet + text encoder ----------------------------------------------------------
     def train_unet(self, captions: list[str], lat_mean: torch.Tensor, lat_std: torch.Tensor) -> None:
-        from tqdm.auto import tqdm
+        from diffusers.training_utils import EMAModel, compute_snr
 
         cfg = self.cfg
         unet, text = self.components["unet"], self.components["text_encoder"]
@@ -327,33 +328,41 @@ class BaseTrainer:
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
         empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        params = list(unet.parameters()) + list(text.parameters())
+        names = [f"unet.{k}" for k, _ in unet.named_parameters()] + [f"text.{k}" for k, _ in text.named_parameters()]
         opt = torch.optim.AdamW([
             {"params": list(unet.parameters()), "lr": cfg.unet_lr},
             {"params": list(text.parameters()), "lr": cfg.text_lr},
         ], weight_decay=1e-2)
-        ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        ema_text = {k: v.detach().clone() for k, v in text.state_dict().items()}
-        ck = self.workdir / "unet.safetensors"
+        ck, ema_path = self.workdir / "unet.safetensors", self.workdir / "ema.safetensors"
         if ck.exists():
             saved = load_tensors(ck)
             unet.load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("unet.")})
             text.load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("text.")}, strict=False)
-            ema = load_tensors(self.workdir / "ema.safetensors")
-            ema_unet = {k[5:]: v for k, v in ema.items() if k.startswith("unet.")}
-            ema_text.update({k[5:]: v for k, v in ema.items() if k.startswith("text.")})
+        ema = EMAModel(params, decay=cfg.ema_decay, min_decay=0.0, update_after_step=0, use_ema_warmup=False)
+        if ck.exists():
+            saved_ema = load_tensors(ema_path)
+            with torch.no_grad():
+                for name, shadow in zip(names, ema.shadow_params):
+                    if name in saved_ema:
+                        shadow.copy_(saved_ema[name])
             opt_path = self.workdir / "unet_opt.safetensors"
             if opt_path.exists():  # absent when seeded from an export: fresh optimizer, warm-up again
                 optimizer_from_tensors(opt, *load_tensors_with_metadata(opt_path))
         alphas = sched.alphas_cumprod.float()
-        snr = alphas / (1 - alphas)
-        step = self.state["unet_step"]
+        start = self.state["unet_step"]
+        # EMAModel's n-th update uses decay min(ema_decay, m / (9 + m)) with m = n - 1; counting from
+        # start + 1 makes it min(ema_decay, (1 + k) / (10 + k)) after global step k on every resume.
+        ema.optimization_step = start + 1
+        for group, base in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr)):
+            group["lr"] = group["initial_lr"] = base  # a loaded optimizer holds the last scheduled rate
+        lr_schedule = unet_lr_schedule(opt, cfg, start, self.state.get("warm_start", 0))
         unet.train()
         text.train()
-        bar = tqdm(total=cfg.unet_steps, initial=step, desc="train UNet+text", disable=not self.progress)
-        running = None
-        while step < cfg.unet_steps:
-            g = torch.Generator().manual_seed(cfg.seed * 2_000_003 + step)
-            idx, z = _draw_latents(lat_mean, lat_std, cfg.batch_size, g)
+        last: dict[str, float] = {}
+
+        def train_step(g: torch.Generator) -> dict[str, str]:
+            idx, z = draw_latents(lat_mean, lat_std, cfg.batch_size, g)
             z = z * scale
             flip = torch.rand(cfg.batch_size, generator=g) < 0.5
             z = torch.where(flip[:, None, None, None], z.flip(-1), z)
@@ -364,45 +373,33 @@ class BaseTrainer:
             noise = torch.randn(z.shape, generator=g)
             a = alphas[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z + (1 - a).sqrt() * noise
-            warm = min(1.0, (step - self.state.get("warm_start", 0) + 1) / 500)
-            for group, base in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr)):
-                # warm-up, then cosine decay to 10% over the planned steps
-                group["lr"] = base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps)))
             pred = unet(zt, t, text(batch_ids)[0]).sample
-            weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
+            snr = compute_snr(sched, t)
+            weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
             loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            step += 1
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for k, v in unet.state_dict().items():
-                    ema_unet[k].lerp_(v, 1 - decay) if v.is_floating_point() else ema_unet[k].copy_(v)
-                for k, v in text.state_dict().items():
-                    ema_text[k].lerp_(v, 1 - decay) if v.is_floating_point() else ema_text[k].copy_(v)
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            bar.update()
-            bar.set_postfix(loss=f"{running:.4f}")
-            stop = self._should_stop()
-            if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps or stop:
-                weights = {f"unet.{k}": v for k, v in unet.state_dict().items()}
-                weights.update({f"text.{k}": v for k, v in text.state_dict().items()})
-                save_tensors_atomic(weights, ck)
-                ema = {f"unet.{k}": v for k, v in ema_unet.items()}
-                ema.update({f"text.{k}": v for k, v in ema_text.items()})
-                save_tensors_atomic(ema, self.workdir / "ema.safetensors")
-                _save_optimizer(opt, self.workdir / "unet_opt.safetensors")
-                self.state["unet_step"] = step
-                self.state["losses"].setdefault("unet", []).append([step, round(running, 5)])
-                self._save_state()
-            if step % cfg.export_every == 0 or step == cfg.unet_steps or stop:
+            lr_schedule.step()
+            ema.step(params)
+            running = last.get("running")
+            last["running"] = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            return {"loss": f"{last['running']:.4f}"}
+
+        def checkpoint(step: int) -> None:
+            weights = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+            weights.update({f"text.{k}": v for k, v in text.state_dict().items()})
+            save_tensors_atomic(weights, ck)
+            save_tensors_atomic({**weights, **dict(zip(names, ema.shadow_params))}, ema_path)
+            _save_optimizer(opt, self.workdir / "unet_opt.safetensors")
+            self._record("unet", "unet_step", step, round(last["running"], 5))
+
+        def export_now(step: int, stopping: bool) -> None:
+            if step % cfg.export_every == 0 or step == cfg.unet_steps or stopping:
                 self.export()
-            if stop:
-                bar.close()
-                raise _Stop
-        bar.close()
+
+        self._run_stage("train UNet+text", start, cfg.unet_steps, 2_000_003, train_step, checkpoint, export_now)
 
     # -- export --------------------------------------------------------------------------------
     def export(self) -> Path:
@@ -444,62 +441,7 @@ class BaseTrainer:
         return out
 
     def model_card(self) -> str:
-        import diffusers
-        import transformers
-
-        s, cfg = self.state, self.cfg
-        classes = ", ".join(c.noun for c in BASE_CLASSES)
-        qpath = self.workdir / "quality.json"
-        qtext = "not measured yet (run `python benchmarks/base_model_quality.py --workdir WORKDIR`)."
-        if qpath.exists():
-            q = json.loads(qpath.read_text())
-            rows = "\n".join(f"| {n} | {v['centroid_accuracy']:.2f} | {v['KID_x1e3']:.1f} |" for n, v in q["per_class"].items())
-            qtext = (f"Measured at UNet step {q.get('unet_step', '?')} by `{q['command'].strip()}` "
-                     f"({q['settings']['per_class']} samples per class, {q['settings']['steps']} DDIM steps, guidance "
-                     f"{q['settings']['guidance']}; EfficientNet-Lite0 features vs {q['settings']['real_per_class']} "
-                     f"held-out real renders per class).\n\nNearest real-class-centroid accuracy: "
-                     f"**{q['centroid_accuracy']:.3f}** (target 0.8; held-out real renders score "
-                     f"{q.get('real_renders_centroid_accuracy', float('nan')):.3f} with the same centroids, and "
-                     f"{q.get('vae_reconstruction_centroid_accuracy', float('nan')):.3f} after a round trip through "
-                     f"this VAE).\n\n"
-                     f"| class | centroid accuracy | KID x1e3 |\n"
-                     f"|---|---|---|\n{rows}\n")
-        decoder = ""
-        if s.get("decoder_step"):
-            decoder = (f" Then the decoder alone (encoder frozen) for {s['decoder_step']} of {cfg.decoder_steps} steps, "
-                       f"batch {cfg.decoder_batch_size}, L1 + L2 + a patch-discriminator hinge loss with VQGAN's "
-                       f"adaptive weight x {cfg.disc_weight}.")
-        return f"""# conceptstream tiny-sd (bundled base model)
-
-A Stable-Diffusion-format text-to-image model small enough to train and run on a 2-core CPU.
-It loads with stock `diffusers.StableDiffusionPipeline.from_pretrained(path)`.
-
-- Images: 64x64 RGB; VAE (AutoencoderKL, downsampling 4) to 4x16x16 latents, scaling factor
-  {s.get('scaling_factor')}.
-- UNet2DConditionModel: channels (64, 96, 96), cross-attention at 8x8 and 4x4 only.
-- Text encoder: CLIPTextModel (2 layers, width 64) trained from scratch with the real CLIP
-  tokenizer (49408 tokens).
-- Scheduler: DDIM (scaled-linear betas 0.00085-0.012, 1000 steps, epsilon prediction).
-
-## Training data
-{cfg.images_per_class} renders per class of the tabletop world ({len(BASE_CLASSES)} classes: {classes}),
-from `pybullet_data` meshes over scikit-image textures, captioned "a photo of a [colour] NOUN [on BACKGROUND]".
-Personal-concept patterns (stripes, checks, dots, zigzag, halves) never appear in this data.
-
-## Training
-- VAE: {s.get('vae_step')} steps, batch {cfg.batch_size}, L1 + L2 + {cfg.kl_weight} KL.{decoder}
-- UNet + text encoder: {s.get('unet_step')} of {cfg.unet_steps} planned steps, batch {cfg.batch_size},
-  AdamW (lr {cfg.unet_lr} / {cfg.text_lr}), min-SNR-{cfg.min_snr_gamma} weighting, caption dropout
-  {cfg.caption_dropout}, EMA {cfg.ema_decay} (the EMA weights are exported).
-- Wall time so far: {s.get('wall_seconds', 0) / 3600:.2f} h on {platform.processor() or platform.machine()}
-  ({torch.get_num_threads()} threads), torch {torch.__version__}, diffusers {diffusers.__version__},
-  transformers {transformers.__version__}.
-- Reproduce / resume: `conceptstream world train-base --workdir WORKDIR --out OUT`
-  (config: `{json.dumps({k: v for k, v in asdict(cfg).items() if k not in ('workdir', 'out', 'extra')})}`).
-
-## Quality
-{qtext}
-"""
+        return base_model_card(self.state, self.cfg, self.workdir)
 
     # -- driver --------------------------------------------------------------------------------
     def run(self) -> Path | None:

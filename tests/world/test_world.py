@@ -9,10 +9,11 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from PIL import Image
 
+from conceptstream.concepts.folder import read_concept, read_sequence
 from conceptstream.errors import UserInputError
 from conceptstream.world import catalogue
 from conceptstream.world.catalogue import BASE_CLASSES, get_class, get_sequence
-from conceptstream.world.folders import export_classes, read_concept, read_sequence
+from conceptstream.world.folders import export_classes
 from conceptstream.world.render import TabletopRenderer
 
 

@@ -1,4 +1,4 @@
-"""Reading a user's concept images safely: any common mode converted to RGB, bad files named.
+"""Collecting a concept's image paths and loading them safely as RGB (any common mode; bad files named).
 
 Non-image files in a folder (any suffix not in ``IMAGE_SUFFIXES``) are skipped with a warning
 (documented behaviour; hidden files and subfolders are ignored); a file with an image suffix that cannot be decoded
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from conceptstream.concepts.folder import IMAGE_SUFFIXES
 from conceptstream.errors import UserInputError
-from conceptstream.world.folders import IMAGE_SUFFIXES
 
 MAX_PIXELS = 8192 * 8192  # refuse decompression bombs beyond this
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -105,5 +105,6 @@ def collect_image_paths(source: str | Path) -> list[Path]:
 
 
 def load_images(source: str | Path | list[Path], size: int) -> list[Image.Image]:
+    """Load a folder's images (or the given paths) as ``size x size`` RGB images."""
     paths = source if isinstance(source, list) else collect_image_paths(source)
     return [load_image(p, size) for p in paths]

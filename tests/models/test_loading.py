@@ -58,6 +58,29 @@ def test_generate_grid_and_folder(tmp_path, capsys):
     assert "wrote 2 image(s)" in out
 
 
+def test_generate_one_image_to_a_file_writes_the_image_not_a_grid(tmp_path, capsys):
+    from conceptstream.cli import main
+
+    args = ["generate", "a photo of a red teddy bear", "-n", "1", "--steps", "2", "--seed", "5"]
+    assert main([*args, "-o", str(tmp_path / "one.png")]) == 0
+    with Image.open(tmp_path / "one.png") as im:
+        assert im.size == (64, 64)  # no padding, no grid
+        written = np.asarray(im.convert("RGB"))
+    same = api.generate("a photo of a red teddy bear", n=1, steps=2, seed=5, progress=False)[0]
+    assert np.array_equal(written, np.asarray(same))
+    assert "wrote 1 image(s) to " + str(tmp_path / "one.png") in capsys.readouterr().out
+
+
+def test_save_images_one_image_or_a_grid(tmp_path):
+    tiles = [Image.new("RGB", (10, 8), (k * 40, 0, 0)) for k in range(3)]
+    (one,) = api.save_images(tiles[:1], tmp_path / "one.png")
+    with Image.open(one) as im:
+        assert im.size == (10, 8) and im.getpixel((0, 0)) == (0, 0, 0)
+    (grid,) = api.save_images(tiles, tmp_path / "grid.png")
+    with Image.open(grid) as im:
+        assert im.size == (2 * (10 + 2) + 2, 2 * (8 + 2) + 2)
+
+
 def test_generate_image_i_uses_seed_plus_i(bundled_model_path):
     two = api.generate("a photo of a mug", n=2, seed=3, steps=2, progress=False)
     one = api.generate("a photo of a mug", n=1, seed=4, steps=2, progress=False)

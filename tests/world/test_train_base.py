@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -72,3 +73,74 @@ def test_latent_channels_build_train_and_must_match_on_resume(tmp_path):
         BaseTrainer(_cfg(tmp_path, "c", latent_channels=4), progress=False)
     with pytest.raises(UserInputError, match="must match"):
         BaseTrainer(_cfg(tmp_path, "d", init_from=str(out)), progress=False)
+
+
+def _reference_rates(name: str, base: float, warmup: int, total: int, steps: int) -> list[float]:
+    """The rate of a fresh diffusers scheduler after 0..steps-1 optimizer steps."""
+    from diffusers.optimization import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    rates = []
+    for _ in range(steps):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return rates
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant_with_warmup"])
+def test_unet_lr_schedule_is_diffusers_get_scheduler_resumed_at_any_step(tmp_path, name):
+    from conceptstream.world.train_base import BaseTrainingConfig, unet_lr_schedule
+
+    cfg = BaseTrainingConfig(workdir=str(tmp_path), out=str(tmp_path), unet_steps=40, lr_warmup_steps=8,
+                             lr_scheduler=name)
+    expected = _reference_rates(name, 0.5, 8, 40, 40)
+    assert expected[0] == 0.0 and max(expected) == pytest.approx(0.5)
+    for step in range(40):  # a run resumed at ``step`` continues the same schedule
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        unet_lr_schedule(opt, cfg, step)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected[step], abs=1e-12), step
+    # seeded from an export at step 30: warm-up again, over the 10 steps left
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    unet_lr_schedule(opt, cfg, 34, warm_start=30)
+    assert opt.param_groups[0]["lr"] == pytest.approx(_reference_rates(name, 0.5, 8, 10, 5)[4])
+
+
+def test_unknown_lr_scheduler_is_refused(tmp_path):
+    from conceptstream.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="lr_scheduler 'warmup-cosine' is not one of"):
+        BaseTrainer(_cfg(tmp_path, "g", lr_scheduler="warmup-cosine"), progress=False)
+
+
+def test_unet_stage_ema_and_learning_rate_across_a_resume(tmp_path):
+    """EMA after global step k uses decay min(ema_decay, (1 + k) / (10 + k)), also after resuming;
+    the optimizer's rate is the configured rate on diffusers' schedule at that step."""
+    from conceptstream.safeio import load_tensors, load_tensors_with_metadata
+    from conceptstream.world.tiny_model import build_components
+    torch.set_num_threads(1)
+    work = tmp_path / "e-work"
+    cfg = _cfg(tmp_path, "e", decoder_steps=0, unet_steps=1, ema_decay=0.99, lr_warmup_steps=3)
+    BaseTrainer(cfg, progress=False).run()
+    init = {f"unet.{k}": v for k, v in build_components(cfg.seed)["unet"].state_dict().items()}
+    live, ema = load_tensors(work / "unet.safetensors"), load_tensors(work / "ema.safetensors")
+    for k in init:
+        torch.testing.assert_close(ema[k], 2 / 11 * init[k] + 9 / 11 * live[k], rtol=0, atol=1e-6)
+    cfg.unet_steps = 2
+    BaseTrainer(cfg, progress=False).run()
+    live2, ema2 = load_tensors(work / "unet.safetensors"), load_tensors(work / "ema.safetensors")
+    moved = [k for k in init if not torch.equal(live[k], live2[k])]
+    assert moved
+    for k in moved:
+        torch.testing.assert_close(ema2[k], 3 / 12 * ema[k] + 9 / 12 * live2[k], rtol=0, atol=1e-6)
+    groups = json.loads(load_tensors_with_metadata(work / "unet_opt.safetensors")[1]["param_groups"])
+    assert [g["lr"] for g in groups] == pytest.approx([_reference_rates("cosine", r, 3, 2, 3)[2]
+                                                       for r in (cfg.unet_lr, cfg.text_lr)])
+
+
+def test_negative_warmup_is_refused(tmp_path):
+    from conceptstream.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="lr_warmup_steps"):
+        BaseTrainer(_cfg(tmp_path, "f", lr_warmup_steps=-1), progress=False)

@@ -1,0 +1,79 @@
+"""The README.md written beside the exported base model: architecture, data, training and quality."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conceptstream.world.catalogue import BASE_CLASSES
+
+
+def _quality_text(workdir: Path) -> str:
+    """The quality section, from ``quality.json`` written by ``benchmarks/base_model_quality.py``."""
+    qpath = workdir / "quality.json"
+    if not qpath.exists():
+        return "not measured yet (run `python benchmarks/base_model_quality.py --workdir WORKDIR`)."
+    q = json.loads(qpath.read_text())
+    rows = "\n".join(f"| {n} | {v['centroid_accuracy']:.2f} | {v['KID_x1e3']:.1f} |" for n, v in q["per_class"].items())
+    return (f"Measured at UNet step {q.get('unet_step', '?')} by `{q['command'].strip()}` "
+            f"({q['settings']['per_class']} samples per class, {q['settings']['steps']} DDIM steps, guidance "
+            f"{q['settings']['guidance']}; EfficientNet-Lite0 features vs {q['settings']['real_per_class']} "
+            f"held-out real renders per class).\n\nNearest real-class-centroid accuracy: "
+            f"**{q['centroid_accuracy']:.3f}** (target 0.8; held-out real renders score "
+            f"{q.get('real_renders_centroid_accuracy', float('nan')):.3f} with the same centroids, and "
+            f"{q.get('vae_reconstruction_centroid_accuracy', float('nan')):.3f} after a round trip through "
+            f"this VAE).\n\n"
+            f"| class | centroid accuracy | KID x1e3 |\n"
+            f"|---|---|---|\n{rows}\n")
+
+
+def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
+    """Markdown model card from the trainer's progress ``state`` and its ``BaseTrainingConfig``."""
+    import diffusers
+    import transformers
+
+    s = state
+    classes = ", ".join(c.noun for c in BASE_CLASSES)
+    qtext = _quality_text(Path(workdir))
+    decoder = ""
+    if s.get("decoder_step"):
+        decoder = (f" Then the decoder alone (encoder frozen) for {s['decoder_step']} of {cfg.decoder_steps} steps, "
+                   f"batch {cfg.decoder_batch_size}, L1 + L2 + a patch-discriminator hinge loss with VQGAN's "
+                   f"adaptive weight x {cfg.disc_weight}.")
+    return f"""# conceptstream tiny-sd (bundled base model)
+
+A Stable-Diffusion-format text-to-image model small enough to train and run on a 2-core CPU.
+It loads with stock `diffusers.StableDiffusionPipeline.from_pretrained(path)`.
+
+- Images: 64x64 RGB; VAE (AutoencoderKL, downsampling 4) to 4x16x16 latents, scaling factor
+  {s.get('scaling_factor')}.
+- UNet2DConditionModel: channels (64, 96, 96), cross-attention at 8x8 and 4x4 only.
+- Text encoder: CLIPTextModel (2 layers, width 64) trained from scratch with the real CLIP
+  tokenizer (49408 tokens).
+- Scheduler: DDIM (scaled-linear betas 0.00085-0.012, 1000 steps, epsilon prediction).
+
+## Training data
+{cfg.images_per_class} renders per class of the tabletop world ({len(BASE_CLASSES)} classes: {classes}),
+from `pybullet_data` meshes over scikit-image textures, captioned "a photo of a [colour] NOUN [on BACKGROUND]".
+Personal-concept patterns (stripes, checks, dots, zigzag, halves) never appear in this data.
+
+## Training
+- VAE: {s.get('vae_step')} steps, batch {cfg.batch_size}, L1 + L2 + {cfg.kl_weight} KL.{decoder}
+- UNet + text encoder: {s.get('unet_step')} of {cfg.unet_steps} planned steps, batch {cfg.batch_size},
+  AdamW (lr {cfg.unet_lr} / {cfg.text_lr}, diffusers `{cfg.lr_scheduler}` schedule with {cfg.lr_warmup_steps} warm-up steps),
+  min-SNR-{cfg.min_snr_gamma} weighting, caption dropout
+  {cfg.caption_dropout}, EMA {cfg.ema_decay} (the EMA weights are exported).
+- Wall time so far: {s.get('wall_seconds', 0) / 3600:.2f} h on {platform.processor() or platform.machine()}
+  ({torch.get_num_threads()} threads), torch {torch.__version__}, diffusers {diffusers.__version__},
+  transformers {transformers.__version__}.
+- Reproduce / resume: `conceptstream world train-base --workdir WORKDIR --out OUT`
+  (config: `{json.dumps({k: v for k, v in asdict(cfg).items() if k not in ('workdir', 'out', 'extra')})}`).
+
+## Quality
+{qtext}
+"""
