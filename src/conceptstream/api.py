@@ -37,6 +37,18 @@ def _device(device: str | None) -> str:
     return device or default_device()
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sampling_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"fp32"``/``"fp16"``/``"bf16"`` (or a torch dtype among those) as a torch dtype; else a one-line error."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise UserInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
 def open_stream(state: str | Path, model: str | None = None, device: str | None = None,
                 dtype: torch.dtype = torch.float32) -> ConceptStream:
     """Load an existing state directory as a :class:`ConceptStream` (read-only use)."""
@@ -250,19 +262,23 @@ def _check_same_settings(stream: ConceptStream, method, adapter, rank, targets, 
 
 def generate(prompt: str | list[str], state: str | Path | None = None, model: str | None = None, n: int = 4,
              seed: int = 0, steps: int = 30, guidance: float = 5.0, device: str | None = None,
-             progress: bool = True) -> list[Image.Image]:
-    """Sample ``n`` images per prompt (image i uses seed + i) from the base model or a learned stream."""
+             progress: bool = True, dtype: str | torch.dtype = "fp32") -> list[Image.Image]:
+    """Sample ``n`` images per prompt (image i uses seed + i) from the base model or a learned stream.
+
+    ``dtype`` ("fp32", "fp16", "bf16" or a torch dtype) is the model's precision while sampling; a
+    state's values are saved in fp32 and cast on loading."""
+    dtype = sampling_dtype(dtype)
     if not isinstance(n, int) or n < 1:
         raise UserInputError(f"-n must be >= 1 (images per prompt), got {n!r}")
     if not isinstance(steps, int) or steps < 1:
         raise UserInputError(f"--steps must be >= 1 (sampler steps), got {steps!r}")
     if state is not None:
-        stream = open_stream(state, model=model, device=device)
+        stream = open_stream(state, model=model, device=device, dtype=dtype)
         return stream.generate(prompt, n=n, seed=seed, steps=steps, guidance=guidance, progress=progress)
     from conceptstream.models.loading import load_pipeline
     from conceptstream.models.tokens import unknown_tokens
 
-    pipe = load_pipeline(model, device=_device(device))
+    pipe = load_pipeline(model, device=_device(device), dtype=dtype)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     for p in prompts:
         bad = unknown_tokens(p, pipe.tokenizer, [])
@@ -299,11 +315,15 @@ def save_images(images: list[Image.Image], out: str | Path, cols: int | None = N
     return [path]
 
 
-def export(state: str | Path, out: str | Path) -> list[Path]:
-    """Export a state for stock diffusers into ``out`` (see :mod:`conceptstream.adapters.export`)."""
-    from conceptstream.adapters.export import export_stream
+def export(state: str | Path, out: str | Path, format: str = "diffusers", name: str | None = None) -> list[Path]:
+    """Export a state into ``out``: ``format="diffusers"`` for stock diffusers, ``"kohya"`` for A1111 / ComfyUI /
+    kohya (LoRA file ``NAME.safetensors``, default name: the state folder's; see
+    :mod:`conceptstream.adapters.export`)."""
+    from conceptstream.adapters.export import FORMATS, export_stream
 
-    return export_stream(open_stream(state), out)
+    if format not in FORMATS:  # before the model loads
+        raise UserInputError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+    return export_stream(open_stream(state), out, format=format, name=name)
 
 
 def info(state: str | Path) -> dict[str, Any]:

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="UNet + text encoder training steps (default %(default)s)")
     wt.add_argument("--latent-channels", type=int, default=4,
                     help="VAE latent channels (UNet input/output); 4 as in SD 1.x, 8 keeps finer patterns")
+    wt.add_argument("--vae-downsample", type=int, default=4, choices=(2, 4),
+                    help="VAE downsampling: 4 gives 16x16 latents (default), 2 gives 32x32 (a costlier UNet)")
+    wt.add_argument("--vae-generic-fraction", type=float, default=0.0,
+                    help="share of each VAE batch drawn from generic patterns/textures/photos, never a personal "
+                         "concept's look (default %(default)s: renders only)")
+    wt.add_argument("--vae-generic-images", type=int, default=6000,
+                    help="how many generic VAE images to render into the work dir (default %(default)s)")
     wt.add_argument("--batch-size", type=int, default=32,
                     help="batch size of the VAE and UNet stages (default %(default)s)")
     wt.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpoint + export) after this")
@@ -94,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=30, help="sampler steps (default %(default)s)")
     g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default %(default)s)")
     g.add_argument("--device", default=None, help=DEVICE_HELP)
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="precision of the model while sampling (fp16/bf16 halve GPU memory; the state keeps fp32 values; "
+                        "default %(default)s)")
 
     # learn -----------------------------------------------------------------------------------
     lp = sub.add_parser("learn", help="add one concept to a stream (creates STATE on the first call)")
@@ -133,9 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("state", help="a concept-stream state directory")
     ip.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    ep = sub.add_parser("export", help="export a state for stock diffusers (LoRA + textual-inversion files)")
+    ep = sub.add_parser("export", help="export a state for stock diffusers or A1111/ComfyUI/kohya (LoRA + "
+                        "textual-inversion files)")
     ep.add_argument("state", help="a concept-stream state directory")
     ep.add_argument("out", help="folder to write (created if missing)")
+    ep.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"],
+                    help="diffusers (default): pytorch_lora_weights.safetensors + tokens/ for stock diffusers; "
+                         "kohya: OUT/NAME.safetensors (kohya LoRA keys: A1111 models/Lora, ComfyUI models/loras) + "
+                         "OUT/embeddings/WORD.safetensors (A1111 embeddings/, ComfyUI models/embeddings/; token "
+                         "<my-dog> -> prompt word my-dog) + README.md; VeRA streams: diffusers only")
+    ep.add_argument("--name", default=None,
+                    help="--format kohya: the LoRA's file name and A1111 tag <lora:NAME:1> (default: the state "
+                         "folder's name)")
 
     from conceptstream.evaluation.bench.options import BENCH_OPTIONS
     from conceptstream.evaluation.options import add_arguments
@@ -163,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         return _world(args)
     if args.command == "generate":
         images = api.generate(args.prompt, state=args.state, model=args.model, n=args.n, seed=args.seed,
-                              steps=args.steps, guidance=args.guidance, device=args.device)
+                              steps=args.steps, guidance=args.guidance, device=args.device, dtype=args.dtype)
         paths = api.save_images(images, args.out)
         print(f"wrote {len(images)} image(s) to {paths[0] if len(paths) == 1 else Path(args.out)}")
         return 0
@@ -187,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2) if args.json else api.format_info(data))
         return 0
     if args.command == "export":
-        written = api.export(args.state, args.out)
+        written = api.export(args.state, args.out, format=args.format, name=args.name)
         print(f"exported {len(written)} file(s) to {args.out}:")
         for w in written:
             print(f"  {w}")
@@ -262,7 +281,9 @@ def _world(args: argparse.Namespace) -> int:
                                  images_per_class=args.images_per_class, vae_steps=args.vae_steps,
                                  decoder_steps=args.decoder_steps,
                                  unet_steps=args.unet_steps, batch_size=args.batch_size, max_minutes=args.max_minutes,
-                                 seed=args.seed, init_from=args.init_from, latent_channels=args.latent_channels)
+                                 seed=args.seed, init_from=args.init_from, latent_channels=args.latent_channels,
+                                 vae_downsample=args.vae_downsample, vae_generic_fraction=args.vae_generic_fraction,
+                                 vae_generic_images=args.vae_generic_images)
         out = BaseTrainer(cfg).run()
         print(f"exported model to {out}" if out else f"stopped early; resume with the same command ({args.workdir})")
         return 0

@@ -73,6 +73,19 @@ class TaskReport:
     logs: list[dict]
 
 
+def method_state_on(unet, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A method's saved tensors on the UNet's device, in float32 (what they were trained and saved in).
+
+    Safetensors load on the CPU; every tensor a method keeps (EWC's Fisher and anchor, the DSC pool,
+    C-LoRA's locked factors, Custom Diffusion's deltas) is combined with UNet tensors on the UNet's
+    device. Each is kept in float32 like the trained values; where a method writes one into a base
+    weight (C-LoRA, Custom Diffusion) it casts to that weight's dtype (a model loaded in fp16/bf16).
+    """
+    device = next(unet.parameters()).device
+    return {k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
+            for k, v in tensors.items()}
+
+
 class ConceptStream:
     """A loaded stream: base pipeline + learned tokens + adapter + method state."""
 
@@ -153,7 +166,7 @@ class ConceptStream:
             set_rows(pipe.text_encoder, {i: rows[t] for i, t in zip(ids, tokens)})
         if stream.method.uses_adapter and "adapter" in tensors:
             load_adapter_state(pipe.unet, tensors["adapter"])
-        stream.method.load_state_tensors(tensors.get("method", {}))
+        stream.method.load_state_tensors(method_state_on(pipe.unet, tensors.get("method", {})))
         stream.method.setup(pipe.unet, len(tokens))
         return stream
 

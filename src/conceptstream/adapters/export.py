@@ -1,4 +1,7 @@
-"""Export a stream for stock diffusers: one LoRA file + one textual-inversion file per token.
+"""Export a stream for stock diffusers (``format="diffusers"``) or for A1111 / ComfyUI / kohya tools
+(``format="kohya"``).
+
+diffusers format (the default):
 
     OUT/pytorch_lora_weights.safetensors   diffusers LoRA layout (``pipe.load_lora_weights(OUT)``);
                                            the peft scaling is folded into lora_B, so alpha = rank.
@@ -8,16 +11,62 @@
                                            (``PeftModel.from_pretrained(pipe.unet, OUT/unet_vera)``).
     OUT/tokens/<name>.safetensors          ``{"<token>": embedding}`` (``pipe.load_textual_inversion``)
     OUT/export.json, OUT/README.md         what was exported and how to load it.
+
+kohya format (A1111, ComfyUI, kohya sd-scripts, and diffusers' ``load_lora_weights`` which converts it):
+
+    OUT/<name>.safetensors                 the same LoRA with kohya key names
+                                           (``lora_unet_<module path, '.' -> '_'>.lora_down.weight`` /
+                                           ``.lora_up.weight`` / ``.alpha``). The peft scaling is folded into
+                                           ``lora_up`` and ``alpha`` is written explicitly as the rank, so every
+                                           reader's ``alpha / rank`` is 1 and strength 1 is the trained strength.
+                                           Dense deltas (C-LoRA's merged past + live LoRAs are already a LoRA of
+                                           rank r*T; Custom Diffusion's K/V deltas W) are written as the exact LoRA
+                                           ``up = W, down = I`` (rank = in_features): ``up @ down`` is W bit for
+                                           bit, which an SVD factorisation would only be up to rounding.
+    OUT/embeddings/<word>.safetensors      one per token, A1111/ComfyUI form (SD 1.x: ``{"emb_params": [1, D]}``);
+                                           the file name is the prompt word: ``<my-dog>`` -> ``my-dog``.
+    OUT/export.json, OUT/README.md         what was exported and where each file goes.
+
+What differs between base-model families lives in :data:`KOHYA_FAMILIES` (LoRA key prefix per
+component, one embedding tensor per text encoder); an SDXL stream needs one more entry there.
+VeRA has no kohya equivalent and is refused.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from conceptstream.adapters.registry import adapter_parameters
+from conceptstream.errors import UserInputError
+
+FORMATS = ("diffusers", "kohya")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class KohyaFamily:
+    """How one base-model family is written in the kohya / A1111 / ComfyUI layout."""
+
+    base_model_version: str | None  # kohya's ``ss_base_model_version`` metadata (A1111 filters LoRAs by it)
+    lora_prefixes: dict[str, str]  # pipeline component -> kohya key prefix
+    embeddings: tuple[tuple[str, str, str], ...]  # (key in the embedding file, text encoder, tokenizer) per encoder
+
+
+KOHYA_FAMILIES: dict[str, KohyaFamily] = {
+    # SD 1.x/2.x: one CLIP text encoder; kohya trains SD 1.x on the diffusers UNet, so UNet keys keep diffusers'
+    # module names (A1111 and ComfyUI map them to the original checkpoint's names themselves).
+    # No ss_base_model_version: the family also covers SD 2.x, and A1111 treats a LoRA without it as SD 1.x/2.x.
+    "sd1": KohyaFamily(None, {"unet": "lora_unet_", "text_encoder": "lora_te_"},
+                       (("emb_params", "text_encoder", "tokenizer"),)),
+    # SDXL plugs in here: {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+    # embeddings (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2")),
+    # base_model_version "sdxl_base_v1-0".
+}
 
 
 def lora_layers_for_diffusers(stream) -> dict[str, torch.Tensor] | None:
@@ -37,8 +86,17 @@ def lora_layers_for_diffusers(stream) -> dict[str, torch.Tensor] | None:
     return out
 
 
-def export_stream(stream, out: str | Path) -> list[Path]:
-    """Write a loaded :class:`~conceptstream.engine.ConceptStream` into ``out``; returns the files written."""
+def export_stream(stream, out: str | Path, format: str = "diffusers", name: str | None = None) -> list[Path]:
+    """Write a loaded :class:`~conceptstream.engine.ConceptStream` into ``out``; returns the files written.
+
+    ``format``: ``"diffusers"`` (stock diffusers) or ``"kohya"`` (A1111 / ComfyUI / kohya); ``name``: the kohya
+    LoRA's file name without ``.safetensors`` (default: the state folder's name)."""
+    if format not in FORMATS:
+        raise UserInputError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+    if format == "kohya":
+        return _export_kohya(stream, Path(out), name)
+    if name is not None:
+        raise UserInputError("--name names the kohya LoRA file; it only applies with --format kohya")
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
@@ -114,4 +172,164 @@ images = pipe(["a photo of a {meta['tokens'][0]['token'] if meta['tokens'] else 
 ```
 With the same seed, steps and guidance this reproduces `conceptstream generate` within
 numerical noise. VeRA streams: `from peft import PeftModel; PeftModel.from_pretrained(pipe.unet, "OUT/unet_vera")`.
+"""
+
+
+# -- kohya / A1111 / ComfyUI ------------------------------------------------------------------------------------
+def embedding_word(token: str) -> str:
+    """The prompt word (and file name) of a token in A1111/ComfyUI: ``<my-dog>`` -> ``my-dog``.
+
+    Both tools name an embedding after its file, and file names cannot hold ``<>`` on every system; tokens are
+    ``<[A-Za-z0-9][A-Za-z0-9_.-]*>``, so dropping the brackets leaves a valid, distinct file name."""
+    return token.strip("<>")
+
+
+def kohya_family(pipe) -> KohyaFamily:
+    """The :data:`KOHYA_FAMILIES` entry of a pipeline (SDXL: a second text encoder)."""
+    key = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1"
+    if key not in KOHYA_FAMILIES:
+        raise UserInputError(f"--format kohya does not support {key.upper()} streams yet; use --format diffusers")
+    return KOHYA_FAMILIES[key]
+
+
+def kohya_lora_state(components: dict[str, dict[str, torch.Tensor]], family: KohyaFamily) -> dict[str, torch.Tensor]:
+    """LoRA tensors in peft naming (``<module>.lora_A.weight`` / ``.lora_B.weight``, scaling already folded into
+    lora_B, as :func:`lora_layers_for_diffusers` returns them), per pipeline component, in kohya naming:
+    ``<prefix><module with '.' -> '_'>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``. ``alpha`` is
+    written as the rank, so readers' ``alpha / rank`` is exactly 1 (the scale is already in lora_up)."""
+    out: dict[str, torch.Tensor] = {}
+    for component, layers in components.items():
+        prefix = family.lora_prefixes[component]
+        for key, down in layers.items():
+            if ".lora_A." not in key:
+                continue
+            module = key.split(".lora_A.")[0]
+            up = layers[f"{module}.lora_B.weight"]
+            if up.shape[1] != down.shape[0]:
+                raise ValueError(f"{module}: lora_B {tuple(up.shape)} does not fit lora_A {tuple(down.shape)}")
+            base = prefix + module.replace(".", "_")
+            out[f"{base}.lora_down.weight"] = down.detach().contiguous()
+            out[f"{base}.lora_up.weight"] = up.detach().contiguous()
+            out[f"{base}.alpha"] = torch.tensor(float(down.shape[0]))
+    return out
+
+
+def kohya_embedding(stream, token: str, family: KohyaFamily) -> dict[str, torch.Tensor]:
+    """One token's A1111/ComfyUI embedding file: one ``[1, D]`` tensor per text encoder (SD 1.x: ``emb_params``)."""
+    out = {}
+    for key, encoder, tokenizer in family.embeddings:
+        enc, tok = getattr(stream.pipe, encoder), getattr(stream.pipe, tokenizer)
+        row = enc.get_input_embeddings().weight[tok.convert_tokens_to_ids(token)]
+        out[key] = row.detach().clone().unsqueeze(0).contiguous()
+    return out
+
+
+def _lora_name(stream, name: str | None) -> str:
+    if name is None:
+        folder = Path(stream.path).resolve().name if getattr(stream, "path", None) else ""
+        return re.sub(r"[^A-Za-z0-9._-]", "-", folder).strip("-.") or "conceptstream"
+    name = name.removesuffix(".safetensors")
+    if not NAME_RE.match(name):
+        raise UserInputError(f"invalid --name {name!r}: use letters, digits, '-', '_', '.' (it becomes the file "
+                             "NAME.safetensors and the A1111 prompt tag <lora:NAME:1>)")
+    return name
+
+
+def _export_kohya(stream, out: Path, name: str | None) -> list[Path]:
+    from safetensors.torch import save_file
+
+    if stream.method.uses_adapter and stream.settings.adapter.kind == "vera":
+        raise UserInputError("--format kohya cannot export a VeRA stream (A1111, ComfyUI and kohya have no VeRA "
+                             "format); use --format diffusers, which writes it in peft's format")
+    family = kohya_family(stream.pipe)
+    name = _lora_name(stream, name)
+    lora = lora_layers_for_diffusers(stream)
+    state = kohya_lora_state({"unet": lora}, family) if lora else {}
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if state:
+        metadata = {"ss_network_module": "networks.lora", "conceptstream_tokens": json.dumps(stream.tokens)}
+        if family.base_model_version:
+            metadata["ss_base_model_version"] = family.base_model_version
+        save_file(state, str(out / f"{name}.safetensors"), metadata=metadata)
+        written.append(out / f"{name}.safetensors")
+    emb_dir = out / "embeddings"
+    emb_dir.mkdir(exist_ok=True)
+    nouns = {c["token"]: c["noun"] for c in stream.manifest["concepts"]}
+    embeddings = []
+    for t in stream.tokens:
+        word = embedding_word(t)
+        path = emb_dir / f"{word}.safetensors"
+        save_file(kohya_embedding(stream, t, family), str(path))
+        written.append(path)
+        noun = f" {nouns[t]}" if stream.method.include_noun else ""
+        embeddings.append({"token": t, "word": word, "file": str(path.relative_to(out)),
+                           "prompt_a1111": f"a photo of a {word}{noun}",
+                           "prompt_comfyui": f"a photo of a embedding:{word}{noun}",
+                           "prompt_diffusers": f"a photo of a {t}{noun}"})
+    meta = {"format": "kohya", "base_model": stream.manifest["base_model"],
+            "method": stream.manifest["method"]["name"],
+            "lora": f"{name}.safetensors" if state else None, "lora_name": name if state else None,
+            "embeddings": embeddings, "concepts": stream.manifest["concepts"]}
+    (out / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "README.md").write_text(_kohya_readme(meta))
+    written += [out / "export.json", out / "README.md"]
+    return written
+
+
+def _kohya_readme(meta: dict) -> str:
+    name, lora, embs = meta["lora_name"], meta["lora"], meta["embeddings"]
+    tag = f" <lora:{name}:1>" if lora else ""
+    ex = embs[0] if embs else {"prompt_a1111": "...", "prompt_comfyui": "...", "prompt_diffusers": "..."}
+    rows = "\n".join(f"| `{e['token']}` | `{e['file']}` | `{e['word']}` | `{e['prompt_a1111']}{tag}` | "
+                     f"`{e['prompt_comfyui']}` |" for e in embs)
+    files = (f"`{lora}` (the LoRA, kohya key names; strength 1 = as trained)" if lora
+             else "no LoRA (this method learns only embeddings)")
+    a1111, comfy = [], []
+    if lora:
+        a1111.append(f"- `{lora}` -> `stable-diffusion-webui/models/Lora/`; `<lora:{name}:1>` in the prompt turns "
+                     "it on at strength 1")
+        comfy.append(f"- `{lora}` -> `ComfyUI/models/loras/`; add a **LoraLoader** node after the checkpoint loader, "
+                     "pick the file, strength_model 1.0 (the LoRA has no text-encoder part: strength_clip does "
+                     "not matter)")
+    if embs:
+        a1111.append("- `embeddings/*.safetensors` -> `stable-diffusion-webui/embeddings/`; write the prompt word")
+        comfy.append("- `embeddings/*.safetensors` -> `ComfyUI/models/embeddings/`; write `embedding:WORD` in the "
+                     "prompt")
+    loads = [f'pipe.load_lora_weights("OUT", weight_name="{lora}")'] if lora else []
+    loads += [f'pipe.load_textual_inversion("OUT/{e["file"]}", token="{e["token"]}")' for e in embs]
+    nl = "\n"
+    return f"""# conceptstream export (kohya / A1111 / ComfyUI format)
+
+Base model: `{meta['base_model']['reference']}` (fingerprint {meta['base_model']['fingerprint']}); load these
+files on top of that same base checkpoint. Method: `{meta['method']}`.
+
+Files: {files} and one embedding per token in `embeddings/`. A1111 and ComfyUI call an embedding by
+its **file name**, so the token `<my-dog>` becomes the file `embeddings/my-dog.safetensors` and the
+prompt word `my-dog` (the angle brackets are dropped). A1111 swaps that word wherever it appears.
+
+| token | file | prompt word | A1111 prompt | ComfyUI prompt |
+|---|---|---|---|---|
+{rows}
+
+## AUTOMATIC1111 / Forge
+
+{nl.join(a1111)}
+- Prompt: `{ex['prompt_a1111']}{tag}`
+
+## ComfyUI
+
+{nl.join(comfy)}
+- Prompt (CLIP Text Encode): `{ex['prompt_comfyui']}`
+
+## diffusers
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("BASE_MODEL", safety_checker=None)
+{nl.join(loads)}
+image = pipe("{ex['prompt_diffusers']}").images[0]
+```
+With the same seed, steps and guidance this reproduces `conceptstream generate` within numerical noise.
 """

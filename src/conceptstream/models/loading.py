@@ -82,7 +82,7 @@ def load_pipeline(model: str | Path | None = BUNDLED, dtype: torch.dtype = torch
     dlogging.disable_progress_bar()
     tlogging.disable_progress_bar()
     try:
-        extra = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+        extra = {} if dtype == torch.float32 else {"dtype": dtype}
         pipe = StableDiffusionPipeline.from_pretrained(
             ref, **extra, use_safetensors=True, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,

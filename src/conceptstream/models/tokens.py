@@ -95,7 +95,7 @@ def set_rows(text_encoder, rows: dict[int, torch.Tensor]) -> None:
     emb = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         for tid, value in rows.items():
-            emb[tid] = value.to(emb.dtype)
+            emb[tid] = value.to(emb.device, emb.dtype)
 
 
 def unknown_tokens(prompt: str, tokenizer, known: list[str]) -> list[str]:
