@@ -194,4 +194,4 @@ class ContinualMethod:
         noise = torch.randn(z.shape, generator=ctx.generator).to(ctx.device)
         cond = ctx.encode([ctx.prompt(ctx.current)] * b)
         pred = ctx.unet(ctx.dc.noisy(z, t, noise), t, cond).sample
-        return F.mse_loss(pred.float(), noise.float())
+        return F.mse_loss(pred.float(), ctx.dc.training_target(z, t, noise).float())

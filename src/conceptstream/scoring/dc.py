@@ -8,6 +8,12 @@ All candidates of all images go through ONE batched UNet call (images x candidat
 batch), text embeddings are computed once per call (and cached by the caller for fixed prompts),
 and everything stays differentiable w.r.t. the adapter and the token being learned.
 
+Errors are computed in noise (epsilon) space for every model: a v-prediction UNet's output is turned
+into the epsilon it implies (``sqrt(abar) v + sqrt(1 - abar) x_t``, as the sampler does), because the
+diffusion classifier's score is the ELBO's epsilon-weighted error, and so that ``dc_temperature`` means
+the same on epsilon and v models. (The v error is the epsilon error divided by ``abar``, a per-timestep
+weight that would over-weight high noise levels, where the class signal is weakest.)
+
 The scale is explicit: ``reduction="mean"`` averages over latent elements (logit gaps ~1e-3,
 so the temperature must be small), ``"sum"`` sums them (gaps grow with latent size).
 """
@@ -70,12 +76,32 @@ class DiffusionClassifier:
     def __init__(self, unet, scheduler, config: DCConfig | None = None) -> None:
         self.unet = unet
         self.config = (config or DCConfig()).validate()
+        self.prediction_type = prediction_type(scheduler)
         self.alphas_cumprod = scheduler.alphas_cumprod.float()
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
 
+    def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self.alphas_cumprod.to(like.device)[t].view(-1, 1, 1, 1).to(like.dtype)
+
     def noisy(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        a = self.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1).to(latents.dtype)
+        a = self._abar(t, latents)
         return a.sqrt() * latents + (1 - a).sqrt() * noise
+
+    def training_target(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the UNet is trained to predict from ``noisy(latents, t, noise)``: the noise (epsilon) or the
+        velocity ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` (v-prediction, SD 2.x 768-v)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        a = self._abar(t, latents)
+        return a.sqrt() * noise - (1 - a).sqrt() * latents
+
+    def predicted_noise(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The UNet's output as a noise prediction: itself for epsilon; ``sqrt(abar) v + sqrt(1 - abar) x_t``
+        for v-prediction (the same epsilon the sampler derives from v)."""
+        if self.prediction_type == "epsilon":
+            return pred
+        a = self._abar(t, x_t)
+        return a.sqrt() * pred + (1 - a).sqrt() * x_t
 
     def errors(self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                unet_forward=None) -> torch.Tensor:
@@ -93,7 +119,7 @@ class DiffusionClassifier:
             cond = cond.unsqueeze(0).expand(b, -1, -1, -1)
         cond_rep = cond.reshape(b * k, *cond.shape[-2:])
         forward = unet_forward or (lambda x, tt, h: self.unet(x, tt, h).sample)
-        pred = forward(x_rep, t_rep, cond_rep)
+        pred = self.predicted_noise(forward(x_rep, t_rep, cond_rep), x_rep, t_rep)
         target = noise.repeat_interleave(k, dim=0)
         err = (pred.float() - target.float()).pow(2).flatten(1)
         err = err.mean(1) if self.config.reduction == "mean" else err.sum(1)
@@ -153,3 +179,20 @@ def candidate_subset(seen: int, target: int, k: int, generator: torch.Generator 
     room = max(0, min(k, seen) - len(chosen))
     perm = torch.randperm(len(others), generator=generator)[:room].tolist()
     return sorted(chosen | {others[j] for j in perm})
+
+
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def prediction_type(scheduler) -> str:
+    """The base model's prediction type, read from its scheduler; anything but epsilon and v-prediction
+    (``sample``, flow matching) is refused in one line."""
+    kind = getattr(scheduler, "config", {}).get("prediction_type", None)
+    if not hasattr(scheduler, "alphas_cumprod") or kind is None:
+        raise UserInputError(f"the base model's scheduler {type(scheduler).__name__} is not a DDPM-family scheduler "
+                             f"(flow matching?); conceptstream supports {' and '.join(SUPPORTED_PREDICTION_TYPES)} "
+                             "models (SD 1.x, SD 2.x, SDXL)")
+    if kind not in SUPPORTED_PREDICTION_TYPES:
+        raise UserInputError(f"the base model predicts {kind!r} (scheduler prediction_type); conceptstream supports "
+                             f"{' and '.join(SUPPORTED_PREDICTION_TYPES)} models")
+    return kind
