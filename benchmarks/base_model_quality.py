@@ -7,6 +7,19 @@ real held-out renders with EfficientNet-Lite0, and report
 
     python benchmarks/base_model_quality.py [--model tiny|PATH] [--per-class 16] [--real 32]
         [--steps 30] [--guidance 5.0] [--out benchmarks/results/base-model-quality.json]
+
+``--codec-only`` measures only the autoencoder, on personal concepts (the protocol of the "Base
+model v2" issue): render ``--sequence`` (tabletop-50) with ``--train-views`` + ``--eval-views`` views
+per concept at 64 px (the concept-folder export's views), embed them with EfficientNet-Lite0 and
+assign every held-out view to the nearest concept centroid of the training views. Reported for the
+raw held-out views, 32 px and 16 px bicubic round trips, and a round trip (encode -> posterior mean
+-> decode) through each ``--vae`` (default: the bundled one; an exported pipeline folder, a ``vae``
+folder, or a ``train-base`` work dir, whose ``vae.safetensors`` is read). The same accuracy in two
+pixel spaces (16x16 area-downsampled RGB; 8x8x8 RGB colour histograms) and PSNR against the raw
+views keep the result from resting on the feature extractor alone.
+
+    python benchmarks/base_model_quality.py --codec-only [--vae PATH ...] [--sequence tabletop-50]
+        [--train-views 12] [--eval-views 12] [--out benchmarks/results/base-model-v2/codec-NAME.json]
 """
 
 from __future__ import annotations
@@ -33,7 +46,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/results/base-model-quality.json")
     p.add_argument("--grid", default="benchmarks/results/base-model-samples.png")
     p.add_argument("--workdir", default=None, help="train-base work dir: also record the result for the model card")
+    p.add_argument("--codec-only", action="store_true", help="measure only the VAE round trip on personal concepts")
+    p.add_argument("--vae", action="append", default=None,
+                   help="--codec-only: VAE to measure (pipeline folder, vae folder or train-base work dir; repeatable)")
+    p.add_argument("--sequence", default="tabletop-50", help="--codec-only: concept sequence (default %(default)s)")
+    p.add_argument("--train-views", type=int, default=12, help="--codec-only: training views per concept")
+    p.add_argument("--eval-views", type=int, default=12, help="--codec-only: held-out views per concept")
+    p.add_argument("--cache", default=None,
+                   help="--codec-only: folder caching the renders and reference results (default: no cache)")
     args = p.parse_args(argv)
+    if args.codec_only:
+        return codec(args, argv)
 
     from PIL import Image
 
@@ -122,9 +145,167 @@ def _vae_round_trip(vae, images):
     from PIL import Image
 
     x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
-    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    rec = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mode()).sample for chunk in x.split(64)])
     pixels = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(p) for p in pixels]
+
+
+# ---------------------------------------------------------------------------------------- codec
+
+
+def load_vae(ref: str | None):
+    """An AutoencoderKL from a pipeline folder, a ``vae`` folder, or a train-base work dir."""
+    from diffusers import AutoencoderKL
+
+    if ref in (None, "tiny"):
+        from conceptstream.models.loading import bundled_model
+
+        ref = str(bundled_model())
+    path = Path(ref)
+    if (path / "vae" / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
+    if (path / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path, use_safetensors=True)
+    if (path / "vae.safetensors").is_file():  # a train-base work dir (possibly mid-training)
+        from conceptstream.safeio import load_tensors
+        from conceptstream.world.tiny_model import build_vae
+
+        config = json.loads((path / "progress.json").read_text())["config"]
+        vae = build_vae(config.get("latent_channels", 4), config.get("vae_downsample", 4))
+        vae.load_state_dict(load_tensors(path / "vae.safetensors"))
+        return vae.eval()
+    raise SystemExit(f"{ref}: not a pipeline folder, a vae folder or a train-base work dir")
+
+
+def _pixel_spaces(images) -> dict[str, torch.Tensor]:
+    """Two feature spaces with no learned weights: 16x16 area-downsampled RGB, and an 8x8x8 RGB histogram."""
+    from PIL import Image
+
+    small = np.stack([np.asarray(im.convert("RGB").resize((16, 16), Image.BOX), np.float32) / 255 for im in images])
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in images]) // 32  # 8 bins per channel
+    codes = (arr[..., 0].astype(np.int64) * 64 + arr[..., 1] * 8 + arr[..., 2]).reshape(len(images), -1)
+    hist = np.stack([np.bincount(c, minlength=512) for c in codes]).astype(np.float32)
+    hist = np.sqrt(hist / hist.sum(1, keepdims=True))  # Hellinger: Euclidean distance on sqrt-frequencies
+    return {"rgb16": torch.from_numpy(small.reshape(len(images), -1)), "colour_hist": torch.from_numpy(hist)}
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
+
+
+def _render_views(args):
+    from conceptstream.world.catalogue import get_sequence
+    from conceptstream.world.render import TabletopRenderer
+
+    key = f"{args.sequence}-t{args.train_views}-e{args.eval_views}"
+    cache = Path(args.cache) / f"views-{key}.npz" if args.cache else None
+    if cache is not None and cache.is_file():
+        z = np.load(cache)
+        return z["train"], z["eval"]
+    concepts = get_sequence(args.sequence)
+    renderer = TabletopRenderer(64)  # the views of world/folders.py export_sequence (seed 0)
+    views = {split: np.stack([np.stack([np.asarray(renderer.render_concept(c, split, i, 0).image) for i in range(n)])
+                              for c in concepts])
+             for split, n in (("train", args.train_views), ("eval", args.eval_views))}
+    renderer.close()
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.stem}.{time.time_ns()}.tmp.npz")
+        np.savez(tmp, **views)
+        tmp.replace(cache)
+    return views["train"], views["eval"]
+
+
+def codec(args, argv=None) -> dict:
+    """Nearest-concept accuracy of held-out concept views after resampling and VAE round trips."""
+    from PIL import Image
+
+    from conceptstream.evaluation.features import EfficientNetLite0Features
+
+    t0 = time.time()
+    train, held = _render_views(args)  # uint8 [C, V, 64, 64, 3]
+    n_concepts = train.shape[0]
+    labels = torch.arange(n_concepts).repeat_interleave(held.shape[1])
+    to_pil = lambda arr: [Image.fromarray(a) for a in arr.reshape(-1, *arr.shape[-3:])]  # noqa: E731
+    extractor = EfficientNetLite0Features()
+    train_ims = to_pil(train)
+    feat_cache = Path(args.cache) / f"train-features-{args.sequence}-t{args.train_views}.pt" if args.cache else None
+    if feat_cache is not None and feat_cache.is_file():
+        spaces = torch.load(feat_cache, weights_only=True)
+    else:
+        spaces = {"efficientnet_lite0": extractor(train_ims), **_pixel_spaces(train_ims)}
+        if feat_cache is not None:  # written atomically: several measurements may share the cache
+            tmp = feat_cache.with_suffix(f".{time.time_ns()}.tmp")
+            torch.save(spaces, tmp)
+            tmp.replace(feat_cache)
+    centroids = {k: f.view(n_concepts, -1, f.shape[-1]).mean(1) for k, f in spaces.items()}
+
+    def score(images: list) -> dict:
+        feats = {"efficientnet_lite0": extractor(images), **_pixel_spaces(images)}
+        out = {f"acc_{k}": float((torch.cdist(f, centroids[k]).argmin(1) == labels).float().mean()) for k, f in feats.items()}
+        out["psnr_db"] = _psnr(np.stack([np.asarray(im) for im in images]), held.reshape(-1, *held.shape[-3:]))
+        return out
+
+    raw = to_pil(held)
+    ref_key = Path(args.cache) / f"reference-{args.sequence}-t{args.train_views}-e{args.eval_views}.json" if args.cache else None
+    if ref_key is not None and ref_key.is_file():
+        reference = json.loads(ref_key.read_text())
+    else:
+        reference = {"raw": score(raw)}
+        for px in (32, 16):
+            reference[f"bicubic_{px}px"] = score([im.resize((px, px), Image.BICUBIC).resize((64, 64), Image.BICUBIC)
+                                                  for im in raw])
+        if ref_key is not None:
+            tmp = ref_key.with_suffix(f".{time.time_ns()}.tmp")
+            tmp.write_text(json.dumps(reference, indent=2))
+            tmp.replace(ref_key)
+    rows = dict(reference)
+    vaes = {}
+    for ref in args.vae or ["tiny"]:
+        t1 = time.time()
+        vae = load_vae(ref)
+        rows_key = f"vae:{Path(ref).name if ref != 'tiny' else 'bundled'}"
+        rows[rows_key] = score(_vae_round_trip(vae, raw))
+        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        vaes[rows_key] = {"ref": ref if ref == "tiny" else Path(ref).name,
+                          "latent": [vae.config.latent_channels, 64 // down, 64 // down],
+                          "parameters": sum(p.numel() for p in vae.parameters()), "seconds": round(time.time() - t1, 1)}
+        step = _vae_step(ref)
+        if step is not None:
+            vaes[rows_key]["vae_step"] = step
+    cols = ["acc_efficientnet_lite0", "acc_rgb16", "acc_colour_hist", "psnr_db"]
+    print(f"{'variant':<28}" + "".join(f"{c:>24}" for c in cols))
+    for name, r in rows.items():
+        print(f"{name:<28}" + "".join(f"{r[c]:>24.3f}" for c in cols))
+    result = {
+        "protocol": {"sequence": args.sequence, "concepts": n_concepts, "train_views": args.train_views,
+                     "eval_views": args.eval_views, "image_size": 64, "render_seed": 0,
+                     "assignment": "nearest centroid of each concept's training views (Euclidean)",
+                     "chance": 1 / n_concepts,
+                     "spaces": {"efficientnet_lite0": "pooled 1280-d EfficientNet-Lite0 (ImageNet) features, 224 px bicubic",
+                                "rgb16": "16x16 box-downsampled RGB pixels",
+                                "colour_hist": "8x8x8 RGB histogram, Hellinger (sqrt) distance"},
+                     "vae_round_trip": "encode -> posterior mean -> decode, clamped and rounded to uint8"},
+        "results": rows, "vaes": vaes, "seconds": round(time.time() - t0, 1),
+        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "command": " ".join(["python benchmarks/base_model_quality.py",
+                             *[a if not a.startswith("/") else Path(a).name for a in (sys.argv[1:] if argv is None else argv)]]),
+    }
+    out = args.out
+    if out == "benchmarks/results/base-model-quality.json":  # the generation benchmark's default
+        out = "benchmarks/results/base-model-v2/codec-bundled.json"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _vae_step(ref: str) -> int | None:
+    path = Path(ref)
+    for name in ("progress.json", "training.json"):
+        if (path / name).is_file():
+            return json.loads((path / name).read_text()).get("vae_step")
+    return None
 
 
 if __name__ == "__main__":

@@ -144,3 +144,107 @@ def test_negative_warmup_is_refused(tmp_path):
 
     with pytest.raises(UserInputError, match="lr_warmup_steps"):
         BaseTrainer(_cfg(tmp_path, "f", lr_warmup_steps=-1), progress=False)
+
+
+def test_vae_downsample_2_gives_32x32_latents_vae_only_export_and_resume_checks(tmp_path):
+    """--vae-downsample 2: a two-block VAE (32x32 latents), a UNet of sample size 32; --unet-steps 0
+    trains the VAE alone and still exports a loadable pipeline; other factors are refused on resume."""
+    from conceptstream.errors import UserInputError
+
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, "d2", vae_downsample=2, decoder_steps=0, unet_steps=0)
+    out = BaseTrainer(cfg, progress=False).run()
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert len(pipe.vae.config.block_out_channels) == 2 and pipe.unet.config.sample_size == 32
+    z = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert z.shape == (1, 4, 32, 32)
+    assert pipe("a photo of a mug", num_inference_steps=2).images[0].size == (64, 64)
+    info = json.loads((out / "training.json").read_text())
+    assert (info["vae_step"], info["unet_step"]) == (2, 0)
+    assert "downsampling 2) to 4x32x32 latents" in (out / "README.md").read_text()
+    with pytest.raises(UserInputError, match="vae-downsample 2"):
+        BaseTrainer(_cfg(tmp_path, "d2"), progress=False)
+    with pytest.raises(UserInputError, match="must match"):
+        BaseTrainer(_cfg(tmp_path, "d4", init_from=str(out)), progress=False)
+    with pytest.raises(UserInputError, match="vae-downsample must be one of"):
+        BaseTrainer(_cfg(tmp_path, "d3", vae_downsample=3), progress=False)
+    # a VAE-only export seeds a work dir: more VAE steps continue from its weights, the UNet starts fresh
+    seeded = BaseTrainer(_cfg(tmp_path, "d2b", vae_downsample=2, vae_steps=3, unet_steps=1, init_from=str(out)),
+                         progress=False)
+    assert seeded.state["vae_step"] == 2 and not (tmp_path / "d2b-work" / "ema.safetensors").exists()
+    out_b = seeded.run()
+    assert json.loads((out_b / "training.json").read_text())["vae_step"] == 3
+
+
+def test_more_vae_steps_re_encode_the_latents(tmp_path):
+    """Resuming with more VAE steps moves the encoder: latents and scaling factor are recomputed."""
+    from conceptstream.safeio import load_tensors
+
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, "r", decoder_steps=0, unet_steps=0)
+    BaseTrainer(cfg, progress=False).run()
+    before = load_tensors(tmp_path / "r-work" / "latents.safetensors")["mean"]
+    cfg.vae_steps = 3
+    BaseTrainer(cfg, progress=False).run()
+    after = load_tensors(tmp_path / "r-work" / "latents.safetensors")["mean"]
+    assert not torch.equal(before, after)
+
+
+def test_generic_vae_data_trains_and_never_takes_a_concept_look(tmp_path):
+    import numpy as np
+
+    from conceptstream.world.base_data import generic_dataset, is_concept_look, procedural_pattern
+    from conceptstream.world.catalogue import COLOURS, CONCEPTS
+    from conceptstream.world.render import stable_rng
+
+    torch.set_num_threads(1)
+    # every catalogue concept's exact (class, pattern, colour pair) is recognised, in either colour order,
+    # and so are whole-image patterns (no class) in a concept's pattern and colours
+    for c in CONCEPTS:
+        a, b = (np.asarray(COLOURS[n]) for n in c.colours)
+        assert is_concept_look(c.class_key, c.pattern, (a, b)) and is_concept_look(c.class_key, c.pattern, (b, a))
+        assert is_concept_look(None, c.pattern, (a + 0.02, b - 0.02))
+    c = CONCEPTS[0]
+    other = next(k for k in ("robot", "mug", "car") if k != c.class_key and not any(
+        d.class_key == k and d.pattern == c.pattern and set(d.colours) == set(c.colours) for d in CONCEPTS))
+    assert not is_concept_look(other, c.pattern, tuple(np.asarray(COLOURS[n]) for n in c.colours))
+    for i in range(20):
+        img = procedural_pattern(stable_rng("t", i), 32, class_key="mug")
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+
+    cfg = _cfg(tmp_path, "g", decoder_steps=0, unet_steps=0, vae_generic_fraction=0.5, vae_generic_images=6)
+    out = BaseTrainer(cfg, progress=False).run()
+    generic = np.load(tmp_path / "g-work" / "data" / "generic-6-seed0.npy")
+    assert generic.shape == (6, 64, 64, 3) and generic.std() > 0
+    np.testing.assert_array_equal(generic, generic_dataset(tmp_path / "g-work", 6, 0, False))  # cached
+    assert "6 generic images (50% of each batch)" in (out / "README.md").read_text()
+    # the default (no generic data) renders none
+    BaseTrainer(_cfg(tmp_path, "h", decoder_steps=0, unet_steps=0), progress=False).run()
+    assert not list((tmp_path / "h-work" / "data").glob("generic-*"))
+    with pytest.raises(Exception, match="vae-generic-fraction"):
+        BaseTrainer(_cfg(tmp_path, "i", vae_generic_fraction=1.5), progress=False)
+
+
+def test_codec_benchmark_on_a_work_dir(tmp_path):
+    """benchmarks/base_model_quality.py --codec-only: reference rows plus a work dir's VAE round trip."""
+    import sys
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import base_model_quality as bmq
+
+    cfg = _cfg(tmp_path, "k", decoder_steps=0, unet_steps=0, vae_downsample=2)
+    BaseTrainer(cfg, progress=False).run()
+    out = tmp_path / "codec.json"
+    result = bmq.main(["--codec-only", "--vae", str(tmp_path / "k-work"), "--sequence", "tabletop-3",
+                       "--train-views", "2", "--eval-views", "1", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    rows = result["results"]
+    assert set(rows) == {"raw", "bicubic_32px", "bicubic_16px", "vae:k-work"}
+    assert rows["raw"]["psnr_db"] > 90 and 0 <= rows["vae:k-work"]["acc_efficientnet_lite0"] <= 1
+    assert result["vaes"]["vae:k-work"]["latent"] == [4, 32, 32] and result["vaes"]["vae:k-work"]["vae_step"] == 2
+    assert json.loads(out.read_text())["protocol"]["concepts"] == 3
+    assert str(tmp_path) not in out.read_text()  # no machine paths
+    again = bmq.main(["--codec-only", "--vae", str(tmp_path / "k-work"), "--sequence", "tabletop-3",
+                      "--train-views", "2", "--eval-views", "1", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    assert again["results"] == rows  # cached renders and features give the same numbers

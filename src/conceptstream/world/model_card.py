@@ -45,12 +45,20 @@ def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
         decoder = (f" Then the decoder alone (encoder frozen) for {s['decoder_step']} of {cfg.decoder_steps} steps, "
                    f"batch {cfg.decoder_batch_size}, L1 + L2 + a patch-discriminator hinge loss with VQGAN's "
                    f"adaptive weight x {cfg.disc_weight}.")
+    down = getattr(cfg, "vae_downsample", 4)
+    latent = f"{cfg.latent_channels}x{64 // down}x{64 // down}"
+    generic = ""
+    if getattr(cfg, "vae_generic_fraction", 0.0) > 0:
+        generic = (f"\nThe VAE alone also saw {cfg.vae_generic_images} generic images ({cfg.vae_generic_fraction:.0%} of "
+                   "each batch): random-colour procedural patterns, scikit-image photo and texture crops, and objects "
+                   "painted with such patterns, never in a personal concept's (class, pattern, colour pair) look; "
+                   "the UNet and text encoder train on the renders only.")
     return f"""# conceptstream tiny-sd (bundled base model)
 
 A Stable-Diffusion-format text-to-image model small enough to train and run on a 2-core CPU.
 It loads with stock `diffusers.StableDiffusionPipeline.from_pretrained(path)`.
 
-- Images: 64x64 RGB; VAE (AutoencoderKL, downsampling 4) to 4x16x16 latents, scaling factor
+- Images: 64x64 RGB; VAE (AutoencoderKL, downsampling {down}) to {latent} latents, scaling factor
   {s.get('scaling_factor')}.
 - UNet2DConditionModel: channels (64, 96, 96), cross-attention at 8x8 and 4x4 only.
 - Text encoder: CLIPTextModel (2 layers, width 64) trained from scratch with the real CLIP
@@ -60,7 +68,7 @@ It loads with stock `diffusers.StableDiffusionPipeline.from_pretrained(path)`.
 ## Training data
 {cfg.images_per_class} renders per class of the tabletop world ({len(BASE_CLASSES)} classes: {classes}),
 from `pybullet_data` meshes over scikit-image textures, captioned "a photo of a [colour] NOUN [on BACKGROUND]".
-Personal-concept patterns (stripes, checks, dots, zigzag, halves) never appear in this data.
+Personal-concept patterns (stripes, checks, dots, zigzag, halves) never appear in this data.{generic}
 
 ## Training
 - VAE: {s.get('vae_step')} steps, batch {cfg.batch_size}, L1 + L2 + {cfg.kl_weight} KL.{decoder}

@@ -197,6 +197,7 @@ class TabletopRenderer:
         background: str,
         pattern: tuple[str, tuple[str, str]] | None = None,
         stretch: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        texture: tuple[str, np.ndarray] | None = None,
     ) -> Image.Image:
         pb, data = _pybullet()
         cid = self.client
@@ -208,7 +209,7 @@ class TabletopRenderer:
             body = pb.loadURDF(str(data / cls.path), baseOrientation=orientation, globalScaling=scale,
                                flags=pb.URDF_USE_MATERIAL_COLORS_FROM_MTL, physicsClientId=cid)
         else:
-            mesh = self._mesh_path(cls, need_uv=pattern is not None)
+            mesh = self._mesh_path(cls, need_uv=pattern is not None or texture is not None)
             shape = pb.createVisualShape(pb.GEOM_MESH, fileName=mesh, meshScale=[scale * s for s in stretch],
                                          physicsClientId=cid)
             body = pb.createMultiBody(baseVisualShapeIndex=shape, baseOrientation=orientation, physicsClientId=cid)
@@ -219,6 +220,10 @@ class TabletopRenderer:
             for i, link in enumerate(links):
                 rgba = [1, 1, 1, 1] if not cls.urdf else [*COLOURS[colours[i % 2]], 1]
                 pb.changeVisualShape(body, link, rgbaColor=rgba, textureUniqueId=tex, physicsClientId=cid)
+        elif texture is not None:
+            tex = self._texture(*texture)
+            for link in links:
+                pb.changeVisualShape(body, link, rgbaColor=[1, 1, 1, 1], textureUniqueId=tex, physicsClientId=cid)
         elif tint is not None:
             white = self._texture("white", np.full((4, 4, 3), 255, np.uint8))
             for link in links:
@@ -297,6 +302,14 @@ class TabletopRenderer:
         image = self._draw(concept.object_class, rng, None, background,
                            pattern=(concept.pattern, concept.colours), stretch=concept.stretch)
         return Render(image, f"a photo of a {concept.token} {concept.noun}", concept.noun)
+
+    def render_textured(self, cls: ObjectClass, texture: np.ndarray, index: int, seed: int = 0,
+                        stretch: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Image.Image:
+        """A base-class object painted with an arbitrary RGB ``texture`` (uint8 ``[H, W, 3]``) on a
+        random background: generic autoencoder training data (see ``base_data.generic_dataset``)."""
+        rng = stable_rng("textured", seed, cls.key, index)
+        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        return self._draw(cls, rng, None, background, stretch=stretch, texture=(f"generic-{index}", texture))
 
 
 _VERTEX_CACHE: dict[str, np.ndarray] = {}

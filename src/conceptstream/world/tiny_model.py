@@ -110,19 +110,40 @@ def build_clip_tokenizer():
         )
 
 
-def build_components(seed: int = 0, latent_channels: int = 4) -> dict:
+VAE_DOWNSAMPLES = (2, 4)  # supported downsampling factors: 32x32 or 16x16 latents for 64x64 images
+
+
+def vae_config(latent_channels: int = 4, downsample: int = 4) -> dict:
+    """The AutoencoderKL config; ``downsample`` 4 is the bundled model's (three blocks, 16x16 latents),
+    2 drops the last block (two blocks, 32x32 latents)."""
+    if downsample not in VAE_DOWNSAMPLES:
+        raise ValueError(f"VAE downsampling must be one of {VAE_DOWNSAMPLES}, got {downsample}")
+    blocks = {4: (32, 64, 64), 2: (32, 64)}[downsample]
+    return {**VAE_CONFIG, "latent_channels": latent_channels, "block_out_channels": blocks,
+            "down_block_types": ("DownEncoderBlock2D",) * len(blocks), "up_block_types": ("UpDecoderBlock2D",) * len(blocks)}
+
+
+def build_vae(latent_channels: int = 4, downsample: int = 4):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**vae_config(latent_channels, downsample))
+
+
+def build_components(seed: int = 0, latent_channels: int = 4, vae_downsample: int = 4) -> dict:
     """Freshly initialised components of the tiny pipeline (before base training).
 
     ``latent_channels`` (4 as in SD 1.x) sets the VAE's latent width and the UNet's input/output; more
-    channels let the autoencoder keep finer patterns at the same 16x16 latent size."""
+    channels let the autoencoder keep finer patterns at the same 16x16 latent size. ``vae_downsample``
+    (4, or 2 for 32x32 latents) sets the latent's spatial size, and with it the UNet's ``sample_size``."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     return dict(
-        vae=AutoencoderKL(**{**VAE_CONFIG, "latent_channels": latent_channels}),
-        unet=UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": latent_channels, "out_channels": latent_channels}),
+        vae=build_vae(latent_channels, vae_downsample),
+        unet=UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": latent_channels, "out_channels": latent_channels,
+                                     "sample_size": IMAGE_SIZE // vae_downsample}),
         text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
         tokenizer=build_clip_tokenizer(),
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG),

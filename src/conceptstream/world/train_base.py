@@ -52,6 +52,13 @@ class BaseTrainingConfig:
     lr_warmup_steps: int = 500
     kl_weight: float = 1e-6
     latent_channels: int = 4  # the bundled model's; 8 is the planned fix for the VAE ceiling (README)
+    # VAE downsampling factor: 4 (the bundled model's, 16x16 latents) or 2 (32x32 latents, a costlier UNet)
+    vae_downsample: int = 4
+    # Share of each VAE batch drawn from generic images (procedural patterns, scikit-image photos and
+    # textures, objects painted with patterns; base_data.generic_dataset) instead of the class renders;
+    # 0 keeps the bundled model's renders-only VAE data. Never a personal concept's look.
+    vae_generic_fraction: float = 0.0
+    vae_generic_images: int = 6000
     # Stage 2: sharpen the decoder with a patch discriminator, encoder frozen, so latents (and the
     # UNet trained on them) stay valid. L1/L2 alone leave textures and patterns blurred.
     decoder_steps: int = 0  # off: on the bundled model it lowered the VAE round-trip score (README)
@@ -104,12 +111,20 @@ class BaseTrainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if cfg.latent_channels < 1:
             raise UserInputError(f"--latent-channels must be >= 1, got {cfg.latent_channels}")
+        from conceptstream.world.tiny_model import VAE_DOWNSAMPLES
+
+        if cfg.vae_downsample not in VAE_DOWNSAMPLES:
+            raise UserInputError(f"--vae-downsample must be one of {', '.join(map(str, VAE_DOWNSAMPLES))}, "
+                                 f"got {cfg.vae_downsample}")
+        if not 0.0 <= cfg.vae_generic_fraction <= 1.0 or (cfg.vae_generic_fraction > 0 and cfg.vae_generic_images < 1):
+            raise UserInputError(f"--vae-generic-fraction must be in [0, 1] with --vae-generic-images >= 1, got "
+                                 f"{cfg.vae_generic_fraction} and {cfg.vae_generic_images}")
         if cfg.lr_warmup_steps < 0:
             raise UserInputError(f"lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
         schedulers = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
         if cfg.lr_scheduler not in schedulers:
             raise UserInputError(f"lr_scheduler {cfg.lr_scheduler!r} is not one of {', '.join(schedulers)}")
-        self.components = build_components(cfg.seed, cfg.latent_channels)
+        self.components = build_components(cfg.seed, cfg.latent_channels, cfg.vae_downsample)
         self.state_path = self.workdir / "progress.json"
         self.state = {"vae_step": 0, "decoder_step": 0, "unet_step": 0, "wall_seconds": 0.0, "scaling_factor": None,
                       "config": asdict(cfg), "losses": {}}
@@ -119,6 +134,10 @@ class BaseTrainer:
             if had != cfg.latent_channels:
                 raise UserInputError(f"{self.workdir} was trained with --latent-channels {had}, not "
                                      f"{cfg.latent_channels}; resume with {had} or use a new --workdir")
+            had = saved.get("config", {}).get("vae_downsample", 4)
+            if had != cfg.vae_downsample:
+                raise UserInputError(f"{self.workdir} was trained with --vae-downsample {had}, not "
+                                     f"{cfg.vae_downsample}; resume with {had} or use a new --workdir")
             self.state.update({k: v for k, v in saved.items() if k != "config"})
         self._t0 = time.time()
         self._wall0 = self.state["wall_seconds"]
@@ -140,13 +159,18 @@ class BaseTrainer:
         if vae.config.latent_channels != self.cfg.latent_channels:
             raise UserInputError(f"--init-from {folder} has {vae.config.latent_channels} latent channels but "
                                  f"--latent-channels is {self.cfg.latent_channels}; they must match")
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
-        text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True)
+        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        if down != self.cfg.vae_downsample:
+            raise UserInputError(f"--init-from {folder} has a VAE downsampling by {down} but --vae-downsample is "
+                                 f"{self.cfg.vae_downsample}; they must match")
         save_tensors_atomic(vae.state_dict(), self.workdir / "vae.safetensors")
-        weights = {f"unet.{k}": v for k, v in unet.state_dict().items()}
-        weights.update({f"text.{k}": v for k, v in text.state_dict().items()})
-        save_tensors_atomic(weights, self.workdir / "unet.safetensors")
-        save_tensors_atomic(weights, self.workdir / "ema.safetensors")
+        if info["unet_step"] > 0:  # a VAE-only export (--unet-steps 0) carries an untrained UNet: not seeded
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+            text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True)
+            weights = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+            weights.update({f"text.{k}": v for k, v in text.state_dict().items()})
+            save_tensors_atomic(weights, self.workdir / "unet.safetensors")
+            save_tensors_atomic(weights, self.workdir / "ema.safetensors")
         self.state.update({"vae_step": info["vae_step"], "decoder_step": info.get("decoder_step", 0),
                            "unet_step": info["unet_step"],
                            "scaling_factor": info["scaling_factor"], "wall_seconds": info.get("wall_seconds", 0.0),
@@ -205,7 +229,9 @@ class BaseTrainer:
         self._save_state()
 
     # -- stage 1: VAE --------------------------------------------------------------------------
-    def train_vae(self, images: np.ndarray) -> None:
+    def train_vae(self, images: np.ndarray, generic: np.ndarray | None = None) -> None:
+        """L1 + L2 + KL; with ``generic`` images, each batch item is one of them with probability
+        ``vae_generic_fraction``."""
         cfg, vae = self.cfg, self.components["vae"]
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         ck, opt_path = self.workdir / "vae.safetensors", self.workdir / "vae_opt.safetensors"
@@ -215,12 +241,18 @@ class BaseTrainer:
                 optimizer_from_tensors(opt, *load_tensors_with_metadata(opt_path))
         if self.state["vae_step"] >= cfg.vae_steps:
             return
+        self.state["scaling_factor"] = None  # the encoder moves: latents and their scale are recomputed
         vae.train()
         last: dict[str, float] = {}
 
         def train_step(g: torch.Generator) -> dict[str, str]:
             idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
-            x = to_tensor(images[idx.numpy()])
+            batch = images[idx.numpy()]
+            if generic is not None and cfg.vae_generic_fraction > 0:
+                use = (torch.rand(cfg.batch_size, generator=g) < cfg.vae_generic_fraction).numpy()
+                gidx = torch.randint(0, len(generic), (cfg.batch_size,), generator=g).numpy()
+                batch = np.where(use[:, None, None, None], generic[gidx], batch)
+            x = to_tensor(np.ascontiguousarray(batch))
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample(generator=g)).sample
             loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
@@ -412,13 +444,15 @@ class BaseTrainer:
         vae = c["vae"]
         vae.load_state_dict(load_tensors(self.workdir / "vae.safetensors"))
         vae.register_to_config(scaling_factor=self.state["scaling_factor"])
-        ema = load_tensors(self.workdir / "ema.safetensors")
         from conceptstream.world.tiny_model import build_components
 
-        fresh = build_components(self.cfg.seed, self.cfg.latent_channels)
+        fresh = build_components(self.cfg.seed, self.cfg.latent_channels, self.cfg.vae_downsample)
         unet, text = fresh["unet"], fresh["text_encoder"]
-        unet.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")})
-        text.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("text.")}, strict=False)
+        ema_path = self.workdir / "ema.safetensors"
+        if ema_path.exists():  # absent after a VAE-only run (--unet-steps 0): the UNet is the initial one
+            ema = load_tensors(ema_path)
+            unet.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")})
+            text.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("text.")}, strict=False)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=c["tokenizer"], unet=unet,
                                        scheduler=c["scheduler"], safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
@@ -454,7 +488,12 @@ class BaseTrainer:
         signal.signal(signal.SIGTERM, _request_stop)
         try:
             images, captions = render_dataset(self.workdir, self.cfg.images_per_class, self.cfg.seed, self.progress)
-            self.train_vae(images)
+            generic = None
+            if self.cfg.vae_generic_fraction > 0 and self.state["vae_step"] < self.cfg.vae_steps:
+                from conceptstream.world.base_data import generic_dataset
+
+                generic = generic_dataset(self.workdir, self.cfg.vae_generic_images, self.cfg.seed, self.progress)
+            self.train_vae(images, generic)
             mean, std = self.encode_latents(images)
             self.train_decoder(images, mean, std)
             self.train_unet(captions, mean, std)
