@@ -38,6 +38,39 @@ def random_model_path(tmp_path_factory) -> Path:
     return folder
 
 
+def build_sdxl_components(seed: int = 0) -> dict:
+    """Components of a tiny random SDXL pipeline: the tiny model's VAE and scheduler, the real CLIP tokenizer
+    twice, CLIP-L-like (32) and CLIP-G-like (64, projection 32) text encoders, and a UNet with SDXL's
+    text-time added conditioning (6 time ids x 8 + pooled 32 = 80) and cross-attention width 32 + 64."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from conceptstream.world.tiny_model import TEXT_CONFIG, UNET_CONFIG, build_clip_tokenizer, build_components
+
+    base = build_components(seed=seed)
+    torch.manual_seed(seed)
+    small = {**TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32}
+    large = {**TEXT_CONFIG, "hidden_size": 64, "intermediate_size": 128, "projection_dim": 32}
+    unet = UNet2DConditionModel(**{**UNET_CONFIG, "sample_size": base["unet"].config.sample_size,
+                                   "cross_attention_dim": 32 + 64, "addition_embed_type": "text_time",
+                                   "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 32})
+    return dict(vae=base["vae"], unet=unet, scheduler=base["scheduler"],
+                text_encoder=CLIPTextModel(CLIPTextConfig(**small)), tokenizer=build_clip_tokenizer(),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**large)), tokenizer_2=build_clip_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def sdxl_model_path(tmp_path_factory) -> Path:
+    """A freshly initialised tiny SDXL pipeline folder (``StableDiffusionXLPipeline``, safetensors)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tmp_path_factory.mktemp("random-tiny-sdxl")
+    pipe = StableDiffusionXLPipeline(**build_sdxl_components(seed=0), add_watermarker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def world_sequence(tmp_path_factory) -> Path:
     """The first three tabletop-6 concepts as a sequence folder (8 train + 8 eval views each)."""

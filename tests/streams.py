@@ -66,3 +66,12 @@ def encode_prompts_with(pipe, prompts: list[str]) -> torch.Tensor:
               return_tensors="pt").input_ids
     with torch.no_grad():
         return pipe.text_encoder(ids)[0]
+
+
+def stock_pixels(pipe, prompts: list[str], n: int, seed: int, steps: int, guidance: float) -> np.ndarray:
+    """Pixels of a stock diffusers pipeline's images, made as `generate` makes them (image i: seed + i)."""
+    images = []
+    for prompt in prompts:
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        images += pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+    return pixels(images)

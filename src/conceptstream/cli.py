@@ -34,7 +34,7 @@ class _AdapterKinds:
 
 
 DEVICE_HELP = "torch device, e.g. cpu, cuda or cuda:1 (default: the GPU if there is one, else the CPU)"
-MODEL_HELP = "base model: 'tiny' (bundled, the default), a diffusers SD 1.x/2.x folder, or a hub id"
+MODEL_HELP = "base model: 'tiny' (bundled, the default), a diffusers SD 1.x/2.x or SDXL pipeline folder, or a hub id"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,11 +19,14 @@ from conceptstream.distributed import RANK_SEED_STRIDE, average_gradients, make_
 from conceptstream.errors import ConceptstreamError, StateError, UserInputError
 from conceptstream.methods.base import ConceptInfo, ContinualMethod, TaskContext
 from conceptstream.methods.registry import get_method, method_defaults, validate_settings
-from conceptstream.models.loading import load_pipeline, model_fingerprint
+from conceptstream.models.conditioning import sdxl_time_ids
+from conceptstream.models.loading import check_same_kind, load_pipeline, model_fingerprint, pipeline_kind
 from conceptstream.models.tokens import (
+    SECOND_ENCODER_KEY,
     ConceptEmbedding,
     add_tokens,
     check_new_token,
+    encoder_pairs,
     init_token_rows,
     set_rows,
     unknown_tokens,
@@ -108,7 +111,8 @@ class ConceptStream:
             self._adapter_attached = True
         if not self.method.uses_adapter:  # attach_adapter already froze the base for adapter methods
             self.pipe.unet.requires_grad_(False)
-        self.pipe.text_encoder.requires_grad_(False)
+        for _, encoder in encoder_pairs(self.pipe):
+            encoder.requires_grad_(False)
         self.pipe.vae.requires_grad_(False)
         self.dc = DiffusionClassifier(self.pipe.unet, self.pipe.scheduler, settings.dc)
 
@@ -128,7 +132,7 @@ class ConceptStream:
         ref = str(model or "tiny")
         manifest = {
             "format_version": 1,
-            "base_model": {"reference": ref, "fingerprint": model_fingerprint(model)},
+            "base_model": {"reference": ref, "fingerprint": model_fingerprint(model), "kind": pipeline_kind(pipe)},
             "method": {},
             "concepts": [],
             "created_at": utc_now(),
@@ -145,6 +149,7 @@ class ConceptStream:
                    device: str = "cpu", dtype: torch.dtype = torch.float32, path: Path | None = None) -> ConceptStream:
         """Rebuild a stream from a manifest and its tensor files (see :mod:`conceptstream.api`)."""
         ref = model or manifest["base_model"]["reference"]
+        check_same_kind(manifest["base_model"].get("kind"), ref)  # before the fingerprint: name both kinds
         fingerprint = model_fingerprint(ref)
         if fingerprint != manifest["base_model"]["fingerprint"]:
             raise StateError(f"this state was built on base model {manifest['base_model']['reference']!r} "
@@ -158,12 +163,15 @@ class ConceptStream:
         stream = cls(pipe, settings, manifest, path=path, device=device, model_ref=ref)
         tokens = [c["token"] for c in manifest["concepts"]]
         if tokens:
-            ids = add_tokens(pipe.tokenizer, pipe.text_encoder, tokens)
             rows = tensors.get("tokens", {})
-            missing = [t for t in tokens if t not in rows]
-            if missing:
-                raise StateError(f"state is missing the embedding of {missing[0]}; it is damaged")
-            set_rows(pipe.text_encoder, {i: rows[t] for i, t in zip(ids, tokens)})
+            for n, (tokenizer, encoder) in enumerate(encoder_pairs(pipe)):
+                keys = [token_key(t, n) for t in tokens]
+                ids = add_tokens(tokenizer, encoder, tokens)
+                missing = [t for t, key in zip(tokens, keys) if key not in rows]
+                if missing:
+                    which = "" if n == 0 else " in the second text encoder"
+                    raise StateError(f"state is missing the embedding of {missing[0]}{which}; it is damaged")
+                set_rows(encoder, {i: rows[key] for i, key in zip(ids, keys)})
         if stream.method.uses_adapter and "adapter" in tensors:
             load_adapter_state(pipe.unet, tensors["adapter"])
         stream.method.load_state_tensors(method_state_on(pipe.unet, tensors.get("method", {})))
@@ -196,10 +204,38 @@ class ConceptStream:
         return [ConceptInfo(c["token"], c["noun"], tok.convert_tokens_to_ids(c["token"]), c["task_index"])
                 for c in self.manifest["concepts"]]
 
+    @property
+    def kind(self) -> str:
+        """The base model's kind: ``"sd1"`` (SD 1.x/2.x) or ``"sdxl"``."""
+        return pipeline_kind(self.pipe)
+
+    @property
+    def time_ids(self) -> tuple[int, ...] | None:
+        """SDXL's micro-conditioning time ids at the model's resolution; None for SD 1.x/2.x."""
+        return sdxl_time_ids(self.resolution) if self.kind == "sdxl" else None
+
+    def encode_prompts(self, prompts: list[str]):
+        """The UNet conditioning of prompts (see :meth:`TaskContext.encode`): a tensor for SD 1.x/2.x, a
+        :class:`~conceptstream.models.conditioning.Conditioning` for SDXL."""
+        ctx = TaskContext(**self._context_parts(), dc=self.dc, concepts=[], latent_mean=torch.empty(0),
+                          latent_std=torch.empty(0), generator=torch.Generator(), device=self.device)
+        return ctx.encode(prompts)
+
+    def _context_parts(self) -> dict[str, Any]:
+        """The model parts of a :class:`TaskContext` (SDXL: the second encoder and the time ids as well)."""
+        pipe = self.pipe
+        parts: dict[str, Any] = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
+                                 "scheduler": pipe.scheduler}
+        if self.kind == "sdxl":
+            parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, time_ids=self.time_ids)
+        return parts
+
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        emb = self.pipe.text_encoder.get_input_embeddings().weight
-        tok = self.pipe.tokenizer
-        files = {"tokens": {t: emb[tok.convert_tokens_to_ids(t)].detach().clone() for t in self.tokens}}
+        rows: dict[str, torch.Tensor] = {}
+        for n, (tok, encoder) in enumerate(encoder_pairs(self.pipe)):
+            emb = encoder.get_input_embeddings().weight
+            rows.update({token_key(t, n): emb[tok.convert_tokens_to_ids(t)].detach().clone() for t in self.tokens})
+        files = {"tokens": rows}
         if self.method.uses_adapter:
             files["adapter"] = adapter_state(self.pipe.unet)
         files["method"] = self.method.state_tensors()
@@ -248,7 +284,8 @@ class ConceptStream:
             raise UserInputError("no training images given")
         if token in self.tokens:
             raise UserInputError(f"token {token!r} is already in this stream; pick a new token for a new concept")
-        check_new_token(self.pipe.tokenizer, token)
+        for tokenizer, _ in encoder_pairs(self.pipe):
+            check_new_token(tokenizer, token)
         noun = noun.strip()
         if not noun:
             raise UserInputError("the class noun is empty; give one, e.g. --noun 'teddy bear'")
@@ -265,18 +302,21 @@ class ConceptStream:
         torch.manual_seed(process_seed)
         mean, std = self.encode_images(images)
         pipe, method = self.pipe, self.method
-        (token_id,) = add_tokens(pipe.tokenizer, pipe.text_encoder, [token])
-        init_token_rows(pipe.tokenizer, pipe.text_encoder, [token_id],
-                        None if method.random_token_init else noun, seed=seed)
+        pairs = encoder_pairs(pipe)
+        token_ids = []
+        for tokenizer, encoder in pairs:
+            (token_id,) = add_tokens(tokenizer, encoder, [token])
+            init_token_rows(tokenizer, encoder, [token_id], None if method.random_token_init else noun, seed=seed)
+            token_ids.append(token_id)
+        token_id = token_ids[0]
         concepts = [*self.concept_infos(), ConceptInfo(token, noun, token_id, len(self.tokens))]
-        ctx = TaskContext(unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                          scheduler=pipe.scheduler, dc=self.dc, concepts=concepts, latent_mean=mean,
+        ctx = TaskContext(**self._context_parts(), dc=self.dc, concepts=concepts, latent_mean=mean,
                           latent_std=std, generator=torch.Generator().manual_seed(process_seed), device=self.device,
                           include_noun=method.include_noun, progress=progress)
-        base_embedding = pipe.text_encoder.get_input_embeddings()
-        wrapper = ConceptEmbedding(base_embedding, [token_id]) if method.trains_token else None
-        if wrapper is not None:
-            pipe.text_encoder.set_input_embeddings(wrapper)
+        wrappers = self._token_wrappers(token_ids) if method.trains_token else []
+        wrapper = wrappers[0] if wrappers else None
+        for (_, encoder), w in zip(pairs, wrappers):
+            encoder.set_input_embeddings(w)
         task = {"token": token, "noun": noun, "seed": seed, "steps": steps, "images": len(images)}
         try:
             method.before_task(ctx)
@@ -319,8 +359,8 @@ class ConceptStream:
             if bad:
                 raise self._diverged(f"{bad} of {token} became NaN/inf during training")
         finally:
-            if wrapper is not None:
-                pipe.text_encoder.set_input_embeddings(wrapper.write_back())
+            for (_, encoder), w in zip(pairs, wrappers):
+                encoder.set_input_embeddings(w.write_back())
             if gradient_checkpointing:
                 pipe.unet.disable_gradient_checkpointing()
             pipe.unet.eval()
@@ -330,6 +370,22 @@ class ConceptStream:
                                           "images": len(images), "mixed_precision": mixed_precision})
         self._sync_manifest()
         return TaskReport(token, noun, len(self.tokens) - 1, steps, time.time() - t0, loss_value, logs)
+
+    def _token_wrappers(self, token_ids: list[int]) -> list[ConceptEmbedding]:
+        """One :class:`ConceptEmbedding` per text encoder for the new token. SD 1.x/2.x: one wrapper owning its
+        row. SDXL: both wrappers read column slices of one parameter ``[1, D1 + D2]`` holding the CLIP-L and
+        CLIP-G rows, so a method trains "the token" as one parameter on either kind."""
+        pairs = encoder_pairs(self.pipe)
+        bases = [encoder.get_input_embeddings() for _, encoder in pairs]
+        if len(pairs) == 1:
+            return [ConceptEmbedding(bases[0], token_ids)]
+        rows = torch.nn.Parameter(torch.cat([b.weight.detach()[[i]] for b, i in zip(bases, token_ids)], dim=-1))
+        wrappers, start = [], 0
+        for base, tid in zip(bases, token_ids):
+            width = base.weight.shape[1]
+            wrappers.append(ConceptEmbedding(base, [tid], rows, slice(start, start + width)))
+            start += width
+        return wrappers
 
     # -- in-task checkpoints -------------------------------------------------------------------
     @staticmethod
@@ -348,7 +404,9 @@ class ConceptStream:
     def _trained_parameters(self, opt: torch.optim.Optimizer, wrapper: ConceptEmbedding | None) -> dict:
         """Every parameter the optimizer updates, by a stable name (``token``, ``unet.<name>``, ...)."""
         names = {id(p): f"unet.{n}" for n, p in self.pipe.unet.named_parameters()}
-        names.update({id(p): f"text_encoder.{n}" for n, p in self.pipe.text_encoder.named_parameters()})
+        for c, (_, encoder) in enumerate(encoder_pairs(self.pipe)):
+            prefix = "text_encoder" if c == 0 else f"text_encoder_{c + 1}"
+            names.update({id(p): f"{prefix}.{n}" for n, p in encoder.named_parameters()})
         if wrapper is not None:
             names[id(wrapper.rows)] = "token"
         out: dict[str, torch.nn.Parameter] = {}
@@ -452,6 +510,12 @@ class ConceptStream:
                 images += self.pipe([p] * n, num_inference_steps=steps, guidance_scale=guidance,
                                     generator=gens).images
         return images
+
+
+def token_key(token: str, encoder: int) -> str:
+    """A token's key in the state's ``tokens`` file: the token itself for the first text encoder (the SD 1.x
+    format), ``text_encoder_2:<token>`` for SDXL's second."""
+    return token if encoder == 0 else f"{SECOND_ENCODER_KEY}{token}"
 
 
 def fused_adapters(module: torch.nn.Module):

@@ -6,9 +6,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from diffusers import StableDiffusionPipeline  # imported up front: its import-time warnings stay out of tests
-from streams import pixels
+from streams import pixels, stock_pixels
 
 from conceptstream import api
 from conceptstream.concepts.folder import read_concept
@@ -45,11 +44,7 @@ def test_export_loads_in_stock_diffusers_and_reproduces_generate(tmp_path, bundl
         pipe.load_textual_inversion(str(out / t["file"]))
 
     def stock(p):
-        images = []
-        for prompt in prompts:
-            gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-            images += p([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
-        return pixels(images)
+        return stock_pixels(p, prompts, n, seed, steps, guidance)
 
     ref = pixels(reference)
     diff = np.abs(stock(pipe) - ref)

@@ -12,7 +12,7 @@ from conftest import assert_one_line_error, run_cli
 from diffusers import StableDiffusionPipeline  # imported up front: its import-time warnings stay out of tests
 from safetensors import safe_open
 from safetensors.torch import load_file
-from streams import commit, learn_folder, pixels
+from streams import commit, learn_folder, pixels, stock_pixels
 
 from conceptstream import api
 from conceptstream.adapters.registry import AdapterSpec
@@ -102,11 +102,7 @@ def test_kohya_export_loads_in_stock_diffusers_and_reproduces_generate(tmp_path,
         pipe.load_textual_inversion(str(out / e["file"]), token=e["token"])
 
     def stock(p):
-        images = []
-        for prompt in prompts:
-            gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-            images += p([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
-        return pixels(images)
+        return stock_pixels(p, prompts, n, seed, steps, guidance)
 
     diff = np.abs(stock(pipe) - reference)
     assert diff.mean() <= 2.0 and diff.max() <= 64, (diff.mean(), diff.max())

@@ -9,7 +9,11 @@ diffusers format (the default):
                                            Custom Diffusion's K/V deltas are an exact full-rank LoRA.
     OUT/unet_vera/                         VeRA streams: peft's own format
                                            (``PeftModel.from_pretrained(pipe.unet, OUT/unet_vera)``).
-    OUT/tokens/<name>.safetensors          ``{"<token>": embedding}`` (``pipe.load_textual_inversion``)
+    OUT/tokens/<name>.safetensors          ``{"<token>": embedding}`` (``pipe.load_textual_inversion``); SDXL:
+                                           ``{"clip_l": [D1], "clip_g": [D2]}``, loaded into each encoder with
+                                           ``pipe.load_textual_inversion(f["clip_l"], token=..., text_encoder=
+                                           pipe.text_encoder, tokenizer=pipe.tokenizer)`` and the same with
+                                           clip_g / text_encoder_2 / tokenizer_2.
     OUT/export.json, OUT/README.md         what was exported and how to load it.
 
 kohya format (A1111, ComfyUI, kohya sd-scripts, and diffusers' ``load_lora_weights`` which converts it):
@@ -28,7 +32,8 @@ kohya format (A1111, ComfyUI, kohya sd-scripts, and diffusers' ``load_lora_weigh
     OUT/export.json, OUT/README.md         what was exported and where each file goes.
 
 What differs between base-model families lives in :data:`KOHYA_FAMILIES` (LoRA key prefix per
-component, one embedding tensor per text encoder); an SDXL stream needs one more entry there.
+component, one embedding tensor per text encoder). SDXL UNet keys keep diffusers' module names too
+(diffusers and ComfyUI read them as they are).
 VeRA has no kohya equivalent and is refused.
 """
 
@@ -63,10 +68,13 @@ KOHYA_FAMILIES: dict[str, KohyaFamily] = {
     # No ss_base_model_version: the family also covers SD 2.x, and A1111 treats a LoRA without it as SD 1.x/2.x.
     "sd1": KohyaFamily(None, {"unet": "lora_unet_", "text_encoder": "lora_te_"},
                        (("emb_params", "text_encoder", "tokenizer"),)),
-    # SDXL plugs in here: {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
-    # embeddings (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2")),
-    # base_model_version "sdxl_base_v1-0".
+    # SDXL: two text encoders (CLIP-L, CLIP-G), each with its own LoRA prefix and embedding tensor.
+    "sdxl": KohyaFamily("sdxl_base_v1-0", {"unet": "lora_unet_", "text_encoder": "lora_te1_",
+                                           "text_encoder_2": "lora_te2_"},
+                        (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))),
 }
+# diffusers-format token files of SDXL streams: key -> (text encoder, tokenizer), as the kohya files hold them
+SDXL_EMBEDDINGS = KOHYA_FAMILIES["sdxl"].embeddings
 
 
 def lora_layers_for_diffusers(stream) -> dict[str, torch.Tensor] | None:
@@ -97,15 +105,17 @@ def export_stream(stream, out: str | Path, format: str = "diffusers", name: str 
         return _export_kohya(stream, Path(out), name)
     if name is not None:
         raise UserInputError("--name names the kohya LoRA file; it only applies with --format kohya")
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     lora = lora_layers_for_diffusers(stream)
+    sdxl = _is_sdxl(stream)
     if lora:
-        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=lora, safe_serialization=True)
+        pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        pipeline_cls.save_lora_weights(out, unet_lora_layers=lora, safe_serialization=True)
         written.append(out / "pytorch_lora_weights.safetensors")
     if stream.method.uses_adapter and stream.settings.adapter.kind == "vera":
         written += _export_vera(stream, out / "unet_vera")
@@ -115,16 +125,32 @@ def export_stream(stream, out: str | Path, format: str = "diffusers", name: str 
     tokens = []
     for t in stream.tokens:
         path = token_dir / f"{t.strip('<>')}.safetensors"
-        save_file({t: emb[stream.pipe.tokenizer.convert_tokens_to_ids(t)].detach().clone().contiguous()}, str(path))
+        if sdxl:
+            save_file({key: _token_row(stream, t, encoder, tokenizer) for key, encoder, tokenizer in SDXL_EMBEDDINGS},
+                      str(path))
+        else:
+            save_file({t: emb[stream.pipe.tokenizer.convert_tokens_to_ids(t)].detach().clone().contiguous()},
+                      str(path))
         written.append(path)
         tokens.append({"token": t, "file": str(path.relative_to(out))})
     meta = {"base_model": stream.manifest["base_model"], "method": stream.manifest["method"]["name"],
+            "pipeline": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
             "lora": "pytorch_lora_weights.safetensors" if lora else None, "tokens": tokens,
             "concepts": stream.manifest["concepts"]}
     (out / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / "README.md").write_text(_readme(meta))
     written += [out / "export.json", out / "README.md"]
     return written
+
+
+def _is_sdxl(stream) -> bool:
+    return getattr(stream.pipe, "text_encoder_2", None) is not None
+
+
+def _token_row(stream, token: str, encoder: str, tokenizer: str) -> torch.Tensor:
+    """A learned token's embedding row ``[D]`` in one text encoder of the stream's pipeline."""
+    enc, tok = getattr(stream.pipe, encoder), getattr(stream.pipe, tokenizer)
+    return enc.get_input_embeddings().weight[tok.convert_tokens_to_ids(token)].detach().clone().contiguous()
 
 
 def _export_vera(stream, folder: Path) -> list[Path]:
@@ -151,11 +177,22 @@ def _export_vera(stream, folder: Path) -> list[Path]:
 
 def _readme(meta: dict) -> str:
     loads = []
+    pipeline = meta.get("pipeline", "StableDiffusionPipeline")
+    sdxl = pipeline == "StableDiffusionXLPipeline"
     if meta["lora"]:
         loads.append('pipe.load_lora_weights("OUT")')
+    if sdxl and meta["tokens"]:
+        loads.append("from safetensors.torch import load_file")
     for t in meta["tokens"]:
-        loads.append(f'pipe.load_textual_inversion("OUT/{t["file"]}")')
+        if sdxl:
+            loads.append(f'f = load_file("OUT/{t["file"]}")')
+            loads += [f'pipe.load_textual_inversion(f["{key}"], token="{t["token"]}", text_encoder=pipe.{enc}, '
+                      f'tokenizer=pipe.{tok})' for key, enc, tok in SDXL_EMBEDDINGS]
+        else:
+            loads.append(f'pipe.load_textual_inversion("OUT/{t["file"]}")')
     body = "\n".join(loads)
+    load_base = ('pipe = StableDiffusionXLPipeline.from_pretrained("BASE_MODEL")' if sdxl
+                 else 'pipe = StableDiffusionPipeline.from_pretrained("BASE_MODEL", safety_checker=None)')
     return f"""# conceptstream export
 
 Base model: `{meta['base_model']['reference']}` (fingerprint {meta['base_model']['fingerprint']}).
@@ -163,8 +200,8 @@ Method: `{meta['method']}`. Tokens: {', '.join(t['token'] for t in meta['tokens'
 
 ```python
 import torch
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("BASE_MODEL", safety_checker=None)
+from diffusers import {pipeline}
+{load_base}
 {body}
 gens = [torch.Generator().manual_seed(0 + i) for i in range(4)]
 images = pipe(["a photo of a {meta['tokens'][0]['token'] if meta['tokens'] else ''} ..."] * 4,
@@ -269,6 +306,7 @@ def _export_kohya(stream, out: Path, name: str | None) -> list[Path]:
                            "prompt_comfyui": f"a photo of a embedding:{word}{noun}",
                            "prompt_diffusers": f"a photo of a {t}{noun}"})
     meta = {"format": "kohya", "base_model": stream.manifest["base_model"],
+            "pipeline": "StableDiffusionXLPipeline" if _is_sdxl(stream) else "StableDiffusionPipeline",
             "method": stream.manifest["method"]["name"],
             "lora": f"{name}.safetensors" if state else None, "lora_name": name if state else None,
             "embeddings": embeddings, "concepts": stream.manifest["concepts"]}
@@ -297,8 +335,19 @@ def _kohya_readme(meta: dict) -> str:
         a1111.append("- `embeddings/*.safetensors` -> `stable-diffusion-webui/embeddings/`; write the prompt word")
         comfy.append("- `embeddings/*.safetensors` -> `ComfyUI/models/embeddings/`; write `embedding:WORD` in the "
                      "prompt")
+    sdxl = meta.get("pipeline") == "StableDiffusionXLPipeline"
     loads = [f'pipe.load_lora_weights("OUT", weight_name="{lora}")'] if lora else []
-    loads += [f'pipe.load_textual_inversion("OUT/{e["file"]}", token="{e["token"]}")' for e in embs]
+    if sdxl:
+        loads += ["from safetensors.torch import load_file"] if embs else []
+        for e in embs:
+            loads.append(f'f = load_file("OUT/{e["file"]}")')
+            loads += [f'pipe.load_textual_inversion(f["{key}"], token="{e["token"]}", text_encoder=pipe.{enc}, '
+                      f'tokenizer=pipe.{tok})' for key, enc, tok in SDXL_EMBEDDINGS]
+    else:
+        loads += [f'pipe.load_textual_inversion("OUT/{e["file"]}", token="{e["token"]}")' for e in embs]
+    pipeline = meta.get("pipeline", "StableDiffusionPipeline")
+    load_base = ('pipe = StableDiffusionXLPipeline.from_pretrained("BASE_MODEL")' if sdxl
+                 else 'pipe = StableDiffusionPipeline.from_pretrained("BASE_MODEL", safety_checker=None)')
     nl = "\n"
     return f"""# conceptstream export (kohya / A1111 / ComfyUI format)
 
@@ -326,8 +375,8 @@ prompt word `my-dog` (the angle brackets are dropped). A1111 swaps that word whe
 ## diffusers
 
 ```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("BASE_MODEL", safety_checker=None)
+from diffusers import {pipeline}
+{load_base}
 {nl.join(loads)}
 image = pipe("{ex['prompt_diffusers']}").images[0]
 ```

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from conceptstream.adapters.registry import adapter_parameters
 from conceptstream.methods.config import SettingSpec, TrainConfig, setting_specs
+from conceptstream.models.conditioning import Cond, stack, unet_forward
 from conceptstream.scoring.dc import DiffusionClassifier, candidate_subset
 
 
@@ -46,6 +47,10 @@ class TaskContext:
     progress: bool = False
     logs: list[dict] = field(default_factory=list)
     _cache: dict = field(default_factory=dict)
+    # SDXL: the second tokenizer/text encoder (CLIP-G) and the micro-conditioning time ids; None for SD 1.x/2.x
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+    time_ids: tuple[int, ...] | None = None
 
     @property
     def current(self) -> ConceptInfo:
@@ -62,12 +67,19 @@ class TaskContext:
     def class_prompt(noun: str) -> str:
         return f"a photo of a {noun}"
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        from conceptstream.models.tokens import encode_prompts
+    def encode(self, prompts: list[str]) -> Cond:
+        """The prompts' UNet conditioning: hidden states ``[N, L, D]`` (SD 1.x/2.x), or an SDXL
+        :class:`~conceptstream.models.conditioning.Conditioning` (hidden states, pooled embeds, time ids)."""
+        if self.text_encoder_2 is None:
+            from conceptstream.models.tokens import encode_prompts
 
-        return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
+            return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
+        from conceptstream.models.conditioning import encode_sdxl_prompts
 
-    def fixed_embedding(self, prompt: str) -> torch.Tensor:
+        return encode_sdxl_prompts([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2],
+                                   prompts, self.time_ids, self.device)
+
+    def fixed_embedding(self, prompt: str) -> Cond:
         """Embeddings of prompts that cannot change during the task (cached, no grad)."""
         if prompt not in self._cache:
             with torch.no_grad():
@@ -84,7 +96,7 @@ class TaskContext:
         z = torch.where(flip[:, None, None, None], z.flip(-1), z)
         return z.to(self.device)
 
-    def dc_candidates(self, k: int, required: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[int], int]:
+    def dc_candidates(self, k: int, required: tuple[int, ...] = ()) -> tuple[Cond, list[int], int]:
         """Candidate embeddings [K, L, D]: c_0 (class prompt of the current noun) + k seen concepts.
 
         Returns the embeddings, the concept index of each candidate (-1 for c_0) and the position
@@ -96,7 +108,7 @@ class TaskContext:
         for i in chosen:
             prompt = self.prompt(self.concepts[i])
             embeds.append(self.encode([prompt])[0] if i == cur else self.fixed_embedding(prompt))
-        return torch.stack(embeds), [-1, *chosen], 1 + chosen.index(cur)
+        return stack(embeds), [-1, *chosen], 1 + chosen.index(cur)
 
 
 class ContinualMethod:
@@ -193,5 +205,5 @@ class ContinualMethod:
         t = torch.randint(0, ctx.dc.num_train_timesteps, (b,), generator=ctx.generator).to(ctx.device)
         noise = torch.randn(z.shape, generator=ctx.generator).to(ctx.device)
         cond = ctx.encode([ctx.prompt(ctx.current)] * b)
-        pred = ctx.unet(ctx.dc.noisy(z, t, noise), t, cond).sample
+        pred = unet_forward(ctx.unet, ctx.dc.noisy(z, t, noise), t, cond)
         return F.mse_loss(pred.float(), ctx.dc.training_target(z, t, noise).float())

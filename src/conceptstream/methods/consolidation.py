@@ -22,12 +22,14 @@ from torch.func import functional_call
 
 from conceptstream.adapters.registry import adapter_parameters, trainable_values
 from conceptstream.methods.base import TaskContext
+from conceptstream.models.conditioning import unet_call, unet_forward
 
 
 def _teacher_forward(unet, values: dict[str, torch.Tensor]):
     def forward(x, t, h):
+        args, kwargs = unet_call(h)  # SDXL: the pooled embeds and time ids as added_cond_kwargs
         with torch.no_grad():
-            return functional_call(unet, values, (x, t, h), strict=False).sample
+            return functional_call(unet, values, (x, t, *args), kwargs, strict=False).sample
 
     return forward
 
@@ -75,7 +77,7 @@ def _errors_and_preds(dc, z, cond, t, noise, forward):
     preds = {}
 
     def capture(x, tt, hh):
-        out = forward(x, tt, hh) if forward is not None else dc.unet(x, tt, hh).sample
+        out = forward(x, tt, hh) if forward is not None else unet_forward(dc.unet, x, tt, hh)
         preds["p"] = out
         return out
 

@@ -3,6 +3,11 @@
 The text encoder's embedding table stays frozen. The token being learned lives in a separate
 parameter spliced into the embedding output (:class:`ConceptEmbedding`), so rows of earlier
 concepts cannot change, not even by optimizer round-off: they are never part of any optimizer.
+
+SDXL has two tokenizers and text encoders (CLIP-L, CLIP-G): a new token is added to both
+(:func:`encoder_pairs`), and its two rows are trained as one parameter ``[n, D1 + D2]`` whose column
+slices each encoder's :class:`ConceptEmbedding` reads (AdamW is elementwise, so this trains exactly
+as two parameters would).
 """
 
 from __future__ import annotations
@@ -21,11 +26,18 @@ TOKEN_IN_PROMPT = re.compile(r"<[^<>\s]+>")
 class ConceptEmbedding(nn.Module):
     """Wraps the frozen token embedding; rows of ``trainable_ids`` come from ``self.rows``."""
 
-    def __init__(self, base: nn.Embedding, trainable_ids: list[int]) -> None:
+    def __init__(self, base: nn.Embedding, trainable_ids: list[int], rows: nn.Parameter | None = None,
+                 columns: slice | None = None) -> None:
+        """``rows``/``columns``: read this encoder's rows as ``rows[:, columns]`` of a parameter shared with
+        the other encoder's wrapper (SDXL); by default the wrapper owns a copy of the base rows."""
         super().__init__()
         self.base = base
         self.trainable_ids = list(trainable_ids)
-        self.rows = nn.Parameter(base.weight.detach()[self.trainable_ids].clone())
+        self.rows = nn.Parameter(base.weight.detach()[self.trainable_ids].clone()) if rows is None else rows
+        self.columns = columns
+
+    def own_rows(self) -> torch.Tensor:
+        return self.rows if self.columns is None else self.rows[:, self.columns]
 
     @property
     def weight(self) -> torch.Tensor:  # some callers (resize, peft) look for .weight
@@ -33,16 +45,28 @@ class ConceptEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids)
+        rows = self.own_rows()
         for k, tid in enumerate(self.trainable_ids):
             mask = (input_ids == tid).unsqueeze(-1)
-            out = torch.where(mask, self.rows[k].to(out.dtype), out)
+            out = torch.where(mask, rows[k].to(out.dtype), out)
         return out
 
     @torch.no_grad()
     def write_back(self) -> nn.Embedding:
         """Copy the trained rows into the base table and return it (unwrapped)."""
-        self.base.weight[self.trainable_ids] = self.rows.detach().to(self.base.weight.dtype)
+        self.base.weight[self.trainable_ids] = self.own_rows().detach().to(self.base.weight.dtype)
         return self.base
+
+
+def encoder_pairs(pipe) -> list[tuple]:
+    """``(tokenizer, text_encoder)`` of every text encoder of a pipeline: one for SD 1.x/2.x, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+SECOND_ENCODER_KEY = "text_encoder_2:"  # SDXL: key prefix of a token's CLIP-G row in the state's tokens file
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:

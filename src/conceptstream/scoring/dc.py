@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 from conceptstream.errors import UserInputError
 from conceptstream.methods.config import DCScoresConfig, setting, setting_specs
+from conceptstream.models.conditioning import Cond, candidate_count, per_image_candidates
+from conceptstream.models.conditioning import unet_forward as call_unet
 
 
 @dataclass
@@ -103,22 +105,22 @@ class DiffusionClassifier:
         a = self._abar(t, x_t)
         return a.sqrt() * pred + (1 - a).sqrt() * x_t
 
-    def errors(self, latents: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+    def errors(self, latents: torch.Tensor, cond: Cond, t: torch.Tensor, noise: torch.Tensor,
                unet_forward=None) -> torch.Tensor:
-        """Denoising errors [B, K] of B images under K candidate embeddings [K, L, D] (or [B, K, L, D]).
+        """Denoising errors [B, K] of B images under K candidate embeddings [K, L, D] (or [B, K, L, D]);
+        for SDXL a :class:`~conceptstream.models.conditioning.Conditioning` whose pooled embeds and time ids
+        are lined up with the hidden states.
 
         ``t`` is [B] and ``noise`` is [B, C, H, W]: each image has its own draw, shared by all its
-        candidates. ``unet_forward`` lets callers run a teacher (e.g. via functional_call).
+        candidates. ``unet_forward(x, t, cond)`` lets callers run a teacher (e.g. via functional_call).
         """
         b = latents.shape[0]
-        k = cond.shape[-3]
+        k = candidate_count(cond)
         x_t = self.noisy(latents, t, noise)
         x_rep = x_t.repeat_interleave(k, dim=0)
         t_rep = t.repeat_interleave(k, dim=0)
-        if cond.dim() == 3:
-            cond = cond.unsqueeze(0).expand(b, -1, -1, -1)
-        cond_rep = cond.reshape(b * k, *cond.shape[-2:])
-        forward = unet_forward or (lambda x, tt, h: self.unet(x, tt, h).sample)
+        cond_rep = per_image_candidates(cond, b)
+        forward = unet_forward or (lambda x, tt, h: call_unet(self.unet, x, tt, h))
         pred = self.predicted_noise(forward(x_rep, t_rep, cond_rep), x_rep, t_rep)
         target = noise.repeat_interleave(k, dim=0)
         err = (pred.float() - target.float()).pow(2).flatten(1)
@@ -138,19 +140,19 @@ class DiffusionClassifier:
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         return t, noise
 
-    def train_log_probs(self, latents: torch.Tensor, cond: torch.Tensor,
+    def train_log_probs(self, latents: torch.Tensor, cond: Cond,
                         generator: torch.Generator | None = None, unet_forward=None) -> torch.Tensor:
         """Log p(c | x) [B, K] from one shared draw per image: the noisy training-time estimate."""
         t, noise = self.sample_draw(latents, generator)
         return self.log_probs(self.errors(latents, cond, t, noise, unet_forward))
 
     @torch.no_grad()
-    def eval_errors(self, latents: torch.Tensor, cond: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    def eval_errors(self, latents: torch.Tensor, cond: Cond, seed: int = 0) -> torch.Tensor:
         """Errors averaged over ``eval_timesteps`` stratified timesteps, same draws for every candidate."""
         n = self.config.eval_timesteps
         g = torch.Generator().manual_seed(seed)
         edges = torch.linspace(0, self.num_train_timesteps, n + 1)
-        total = torch.zeros(latents.shape[0], cond.shape[-3], device=latents.device)
+        total = torch.zeros(latents.shape[0], candidate_count(cond), device=latents.device)
         for j in range(n):
             lo, hi = int(edges[j]), max(int(edges[j]) + 1, int(edges[j + 1]))
             t = torch.randint(lo, hi, (latents.shape[0],), generator=g).to(latents.device)
@@ -159,13 +161,13 @@ class DiffusionClassifier:
         return total / n
 
     @torch.no_grad()
-    def eval_errors_batched(self, latents: torch.Tensor, cond: torch.Tensor, seed: int = 0,
+    def eval_errors_batched(self, latents: torch.Tensor, cond: Cond, seed: int = 0,
                             batch_size: int = 8) -> torch.Tensor:
         """:meth:`eval_errors` [B, K] for any number of images, ``batch_size`` images per UNet call."""
         return torch.cat([self.eval_errors(latents[i : i + batch_size], cond, seed + i)
                           for i in range(0, latents.shape[0], batch_size)])
 
-    def classify(self, latents: torch.Tensor, cond: torch.Tensor, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+    def classify(self, latents: torch.Tensor, cond: Cond, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
         """Predicted candidate index per image (evaluation mode)."""
         return self.eval_errors_batched(latents, cond, seed, batch_size).argmin(-1)
 

@@ -92,7 +92,7 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
     from conceptstream.concepts.images import load_images
     from conceptstream.evaluation.metrics import DCAccuracy, DCCalibration
     from conceptstream.methods.base import TaskContext
-    from conceptstream.models.tokens import encode_prompts
+    from conceptstream.models.conditioning import cat
     from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
 
     pipe = stream.pipe
@@ -100,8 +100,8 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
     dc = DiffusionClassifier(pipe.unet, pipe.scheduler, cfg)
 
     @torch.no_grad()
-    def encode(prompts: list[str]) -> torch.Tensor:
-        return encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, stream.device)
+    def encode(prompts: list[str]):  # hidden states [N, L, D]; SDXL: with pooled embeds and time ids
+        return stream.encode_prompts(prompts)
 
     concept_embeds = encode([Evaluator.concept_prompt(c, include_noun) for c in concepts])
     total = DCAccuracy()
@@ -109,7 +109,7 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
     per_concept, confusion = [], []
     # one bar step per concept: on tabletop-50 this is 600 images x 51 candidates, minutes of silence otherwise
     for i, c in enumerate(tqdm(concepts, desc="DC classification", disable=not progress, leave=False)):
-        cond = torch.cat([encode([TaskContext.class_prompt(c.noun)]), concept_embeds])  # [1 + N, L, D]
+        cond = cat([encode([TaskContext.class_prompt(c.noun)]), concept_embeds])  # [1 + N, L, D]
         latents, _ = stream.encode_images(load_images(c.eval_images(), stream.resolution))
         errors = dc.eval_errors_batched(latents.to(stream.device), cond, seed=0, batch_size=batch_size).cpu()
         preds = errors.argmin(-1)

@@ -16,7 +16,7 @@ def bench_dc(stream, s: SpeedSettings) -> dict[str, Any]:
     """DiffusionClassifier.errors / eval_errors vs a raw UNet forward on the same (B*K) batch."""
     import torch
 
-    from conceptstream.models.tokens import encode_prompts
+    from conceptstream.models.conditioning import per_image_candidates, unet_forward
 
     unet, dc, dev = stream.pipe.unet, stream.dc, stream.device
     b, k, n_t = s.dc_images, s.dc_candidates, s.dc_timesteps
@@ -26,11 +26,11 @@ def bench_dc(stream, s: SpeedSettings) -> dict[str, Any]:
     latents = torch.randn(shape, generator=g).to(dev, unet.dtype)
     prompts = [f"a photo of a {NOUNS[i % len(NOUNS)]}" for i in range(k)]
     with torch.no_grad():  # cached candidate embeddings, as callers do for fixed prompts
-        cond = encode_prompts(stream.pipe.tokenizer, stream.pipe.text_encoder, prompts, dev).to(unet.dtype)
+        cond = stream.encode_prompts(prompts).to(unet.dtype)  # SDXL: with pooled embeds and time ids
     draws = [(torch.randint(0, dc.num_train_timesteps, (b,), generator=g).to(dev),
               torch.randn(shape, generator=g).to(dev, unet.dtype)) for _ in range(n_t)]
     raw_inputs = [(dc.noisy(latents, t, e).repeat_interleave(k, 0), t.repeat_interleave(k, 0),
-                   cond.unsqueeze(0).expand(b, -1, -1, -1).reshape(b * k, *cond.shape[-2:]).contiguous())
+                   per_image_candidates(cond, b).contiguous())
                   for t, e in draws]
     dc_eval = dc.config.eval_timesteps
     dc.config.eval_timesteps = n_t
@@ -38,7 +38,7 @@ def bench_dc(stream, s: SpeedSettings) -> dict[str, Any]:
     @torch.no_grad()
     def raw():
         for x, t, h in raw_inputs:
-            unet(x, t, h)
+            unet_forward(unet, x, t, h)
 
     @torch.no_grad()
     def errors():
