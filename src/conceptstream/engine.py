@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from conceptstream.adapters.fuse import fused_adapters
 from conceptstream.adapters.registry import AdapterSpec, adapter_state, attach_adapter, load_adapter_state
 from conceptstream.distributed import RANK_SEED_STRIDE, average_gradients, make_accelerator
 from conceptstream.errors import ConceptstreamError, StateError, UserInputError
@@ -516,44 +517,3 @@ def token_key(token: str, encoder: int) -> str:
     """A token's key in the state's ``tokens`` file: the token itself for the first text encoder (the SD 1.x
     format), ``text_encoder_2:<token>`` for SDXL's second."""
     return token if encoder == 0 else f"{SECOND_ENCODER_KEY}{token}"
-
-
-def fused_adapters(module: torch.nn.Module):
-    """Context manager: every peft adapter layer (LoRA, VeRA) of ``module`` merged into its base layer.
-
-    peft's ``merge()`` adds the adapter's dense delta to the base weight and switches the layer to
-    the plain base forward. The merge runs on a copy of each base parameter; on exit the layers are
-    unmerged and the original parameter tensors are put back, so base weights are bitwise what they
-    were and the adapter parameters are never touched (training after sampling is unaffected).
-    Costs one copy of each adapted base weight while active.
-    """
-    import contextlib
-    import warnings
-
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    @contextlib.contextmanager
-    def fused():
-        layers = [m for m in module.modules()
-                  if isinstance(m, BaseTunerLayer) and not m.merged and not m.disable_adapters]
-        saved: list[tuple[Any, torch.nn.Module, dict[str, torch.Tensor]]] = []
-        try:
-            with torch.no_grad():
-                for layer in layers:
-                    base = layer.get_base_layer()
-                    params = dict(base.named_parameters(recurse=False))
-                    saved.append((layer, base, {name: p.data for name, p in params.items()}))
-                    for p in params.values():
-                        p.data = p.data.clone()
-                    layer.merge()
-            yield module
-        finally:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for layer, base, originals in reversed(saved):
-                    if layer.merged:
-                        layer.unmerge()  # clears peft's merged flag (the arithmetic hits the copy)
-                    for name, p in base.named_parameters(recurse=False):
-                        p.data = originals[name]
-
-    return fused()

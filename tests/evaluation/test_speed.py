@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import run_cli
 
+from conceptstream.adapters.fuse import fused_adapters
 from conceptstream.adapters.registry import AdapterSpec, adapter_parameters, trainable_values
-from conceptstream.engine import ConceptStream, StreamSettings, fused_adapters
+from conceptstream.engine import ConceptStream, StreamSettings
 from conceptstream.errors import UserInputError
 from conceptstream.evaluation.speed import format_table, parse_variant, split_methods, synthetic_images
 
