@@ -103,18 +103,13 @@ def build_sdxl(folder: Path, small: bool, seed: int = 0, device: str = "cpu") ->
 FAMILIES = {"sd15": build_model, "sdxl": build_sdxl}
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _pixels(images) -> Any:
     import numpy as np
 
     return np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
 
 
-def _stock_images(model: str, family: str, export: Path, fmt: str, prompt: str, seed: int, steps: int,
+def _stock_images(model: str, family: str, export: Path, prompt: str, seed: int, steps: int,
                   dtype: torch.dtype, device: str) -> Any:
     """Stock diffusers with the exported files: the LoRA through load_lora_weights, each token through
     load_textual_inversion (SDXL: clip_l into text_encoder, clip_g into text_encoder_2)."""
@@ -200,8 +195,8 @@ def check_method(family: str, model: str, method: str, work: Path, args, device:
         for fmt in ("diffusers", "kohya"):
             out = work / f"{family}-{method}-{fmt}"
             step(f"export_{fmt}", lambda out=out, fmt=fmt: api.export(state, out, format=fmt))
-            got = step(f"reload_{fmt}", lambda out=out, fmt=fmt: _pixels(_stock_images(
-                model, family, out, fmt, prompt, 5, args.gen_steps, dtype, device)))
+            got = step(f"reload_{fmt}", lambda out=out: _pixels(_stock_images(
+                model, family, out, prompt, 5, args.gen_steps, dtype, device)))
             diff = float(abs(got - ref).mean())
             row["steps"][f"reload_{fmt}"]["mean_abs_diff"] = round(diff, 3)
             if diff > args.max_pixel_diff:
