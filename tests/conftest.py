@@ -113,3 +113,13 @@ def assert_error_after_progress(stderr: str) -> str:
     assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("conceptstream: error:"), stderr
     assert "Traceback" not in stderr, stderr
     return errors[0]
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    """A 64 px tabletop renderer, closed after the module."""
+    from conceptstream.world.render import TabletopRenderer
+
+    r = TabletopRenderer(64)
+    yield r
+    r.close()

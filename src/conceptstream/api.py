@@ -88,10 +88,10 @@ def _resolve_concept(images: str | Path, token: str | None, noun: str | None,
 def learn(state: str | Path, images: str | Path | list[Image.Image], token: str | None = None,
           noun: str | None = None, method: str | None = None, model: str | None = None,
           steps: int | None = None, seed: int | None = None, adapter: str | None = None, rank: int | None = None,
-          targets: str | None = None, hparams: dict[str, Any] | None = None, dc: dict[str, Any] | None = None,
-          device: str | None = None, progress: bool = True, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-          resume: bool = False, discard_checkpoint: bool = False, mixed_precision: str = "no",
-          gradient_checkpointing: bool = False) -> TaskReport:
+          targets: str | None = None, adapter_seed: int | None = None, hparams: dict[str, Any] | None = None,
+          dc: dict[str, Any] | None = None, device: str | None = None, progress: bool = True,
+          checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, resume: bool = False, discard_checkpoint: bool = False,
+          mixed_precision: str = "no", gradient_checkpointing: bool = False) -> TaskReport:
     """Add one concept to the stream at ``state`` (created on the first call).
 
     Every ``checkpoint_every`` steps (0: never) the task's progress is saved in ``state/checkpoint/``
@@ -99,6 +99,11 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
     with ``resume=True`` from the same images (the token, noun, steps and seed come from the checkpoint)
     or dropped with ``discard_checkpoint=True``; a plain call while a checkpoint is pending is refused,
     so progress is never thrown away silently. ``steps``/``seed`` default to 200/0 for a new task.
+
+    The call that creates the stream also fixes its adapter's initialisation (LoRA's A, VeRA's shared
+    projections) from ``adapter_seed``, by default this first task's ``seed``: bench seed k, whose first
+    task learns with seed ``1000 * k``, starts from its own initialisation. The seed is recorded in the
+    manifest's adapter spec; later calls keep it (an ``adapter_seed`` that differs is refused).
     """
     from conceptstream.concepts.folder import validate_token
 
@@ -147,18 +152,12 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
             seed = 0 if seed is None else seed
             if store.exists() and token in {c["token"] for c in store.read_manifest()["concepts"]}:
                 raise UserInputError(f"token {token!r} is already in this stream; pick a new token for a new concept")
-            if store.exists():
-                stream = open_stream(state, model=model, device=device)
-                _check_same_settings(stream, method, adapter, rank, targets, hparams)
-            elif checkpoint is not None:
-                stream = _stream_from_checkpoint(checkpoint[1], method, adapter, rank, targets, hparams, model, device)
+            if checkpoint is not None and not store.exists():
+                stream = _stream_from_checkpoint(checkpoint[1], method, adapter, rank, targets, hparams, model, device,
+                                                 adapter_seed)
             else:
-                kind = adapter or "lora"
-                spec = AdapterSpec(kind=kind, rank=rank or adapter_default_rank(kind), targets=targets or "cross-kv")
-                settings = StreamSettings(method=method or "ewc-dc", adapter=spec,
-                                          hparams=validate_settings(method or "ewc-dc", hparams or {}, kind),
-                                          dc=DCConfig.from_user(dc or {}))
-                stream = ConceptStream.new(model or "tiny", settings, device=_device(device))
+                stream = _stream_to_learn(store, method, model, seed, adapter, rank, targets, adapter_seed, hparams, dc,
+                                          device)
             if paths is not None:
                 from conceptstream.concepts.images import load_images
 
@@ -181,6 +180,56 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
     return report
 
 
+def _stream_to_learn(store: StateStore, method, model, seed: int, adapter, rank, targets, adapter_seed, hparams, dc,
+                     device) -> ConceptStream:
+    """The stream a new task learns into: the saved one (whose settings the given ones must match), or a new one."""
+    if store.exists():
+        stream = open_stream(store.path, model=model, device=device)
+        _check_same_settings(stream, method, adapter, rank, targets, hparams, adapter_seed)
+        return stream
+    kind = adapter or "lora"
+    spec = AdapterSpec(kind=kind, rank=rank or adapter_default_rank(kind), targets=targets or "cross-kv",
+                       seed=seed if adapter_seed is None else adapter_seed)
+    settings = StreamSettings(method=method or "ewc-dc", adapter=spec,
+                              hparams=validate_settings(method or "ewc-dc", hparams or {}, kind),
+                              dc=DCConfig.from_user(dc or {}))
+    return ConceptStream.new(model or "tiny", settings, device=_device(device))
+
+
+def learn_joint(state: str | Path, concepts: list[str | Path], method: str = "lora", model: str | None = None,
+                steps: int | None = None, seed: int = 0, adapter: str | None = None, rank: int | None = None,
+                targets: str | None = None, adapter_seed: int | None = None, hparams: dict[str, Any] | None = None,
+                device: str | None = None, progress: bool = True) -> TaskReport:
+    """Learn several concept folders together, in one task of ``steps`` steps (default 200 per concept), into
+    the stream at ``state`` (created if needed): the *joint* reference bound of the bench, not continual
+    learning. Committed atomically like :func:`learn`; no in-task checkpoints (an interruption loses the task,
+    never the saved state). Only ``method="lora"`` and SD 1.x/2.x pipelines."""
+    from conceptstream.concepts.images import load_images
+
+    if not concepts:
+        raise UserInputError("learn_joint needs at least one concept folder")
+    if steps is not None and steps < 1:
+        raise UserInputError(f"--steps must be >= 1, got {steps}")
+    resolved = [_resolve_concept(c, None, None) for c in concepts]
+    store = StateStore(state)
+    created = not store.path.exists()
+    try:
+        with store.lock():
+            if store.load_checkpoint() is not None:
+                raise StateError(f"{state} has an interrupted task; finish it with `learn --resume` or drop it with "
+                                 "--discard-checkpoint before learning jointly")
+            stream = _stream_to_learn(store, method, model, seed, adapter, rank, targets, adapter_seed, hparams, None,
+                                      device)
+            items = [(load_images(paths, stream.resolution), token, noun) for paths, token, noun in resolved]
+            report = stream.learn_joint(items, steps=steps or DEFAULT_STEPS * len(items), seed=seed,
+                                        progress=progress)
+            store.commit(stream.manifest, stream.state_tensors())
+    finally:
+        if created:
+            _remove_if_unused(store.path)
+    return report
+
+
 def _resume_task(info: dict[str, Any], token, noun, steps, seed) -> tuple[str, str, int, int]:
     """The interrupted task's token/noun/steps/seed; given values must match them."""
     for flag, given, key in (("--token", token, "token"), ("--noun", noun, "noun"), ("--steps", steps, "steps"),
@@ -197,7 +246,7 @@ def _resume_task(info: dict[str, Any], token, noun, steps, seed) -> tuple[str, s
 
 
 def _stream_from_checkpoint(info: dict[str, Any], method, adapter, rank, targets, hparams, model,
-                            device) -> ConceptStream:
+                            device, adapter_seed=None) -> ConceptStream:
     """Rebuild the stream of an interrupted *first* task with the settings it was started with."""
     try:
         m, base = info["stream"]["method"], info["stream"]["base_model"]
@@ -212,7 +261,7 @@ def _stream_from_checkpoint(info: dict[str, Any], method, adapter, rank, targets
     if method and method != settings.method:
         raise UserInputError(f"the interrupted task uses method {settings.method!r}, not {method!r}; drop --method "
                              "or start over with --discard-checkpoint")
-    clash = _adapter_clash(m.get("adapter") or {}, adapter, rank, targets)
+    clash = _adapter_clash(m.get("adapter") or {}, adapter, rank, targets, adapter_seed)
     if clash:
         flag, key, stored = clash
         raise UserInputError(f"the interrupted task uses {key} {stored!r}; drop {flag} or start over with "
@@ -239,20 +288,22 @@ def _remove_if_unused(path: Path) -> None:
         pass
 
 
-def _adapter_clash(spec: dict, adapter, rank, targets) -> tuple[str, str, Any] | None:
-    """The first adapter option the user passed that differs from the stored adapter spec, if any."""
-    for flag, value, key in (("--adapter", adapter, "kind"), ("--rank", rank, "rank"), ("--targets", targets, "targets")):
-        if value is not None and spec and value != spec.get(key):
+def _adapter_clash(spec: dict, adapter, rank, targets, adapter_seed=None) -> tuple[str, str, Any] | None:
+    """The first adapter option the user passed that differs from the stored adapter spec, if any
+    (a spec saved before adapters had a seed was initialised with seed 0)."""
+    for flag, value, key in (("--adapter", adapter, "kind"), ("--rank", rank, "rank"), ("--targets", targets, "targets"),
+                             ("adapter_seed", adapter_seed, "seed")):
+        if value is not None and spec and value != spec.get(key, 0 if key == "seed" else None):
             return flag, key, spec.get(key)
     return None
 
 
-def _check_same_settings(stream: ConceptStream, method, adapter, rank, targets, hparams) -> None:
+def _check_same_settings(stream: ConceptStream, method, adapter, rank, targets, hparams, adapter_seed=None) -> None:
     m = stream.manifest["method"]
     if method and method != m["name"]:
         raise StateError(f"this state uses method {m['name']!r}; a stream keeps one method (drop --method "
                          f"or start a new state for {method!r})")
-    clash = _adapter_clash(m.get("adapter") or {}, adapter, rank, targets)
+    clash = _adapter_clash(m.get("adapter") or {}, adapter, rank, targets, adapter_seed)
     if clash:
         flag, key, stored = clash
         raise StateError(f"this state uses {key} {stored!r}; {flag} cannot change within a stream")

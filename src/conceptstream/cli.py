@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     we.add_argument("sequence", help="named sequence, e.g. tabletop-6 (see `conceptstream world list`)")
     we.add_argument("dir", help="folder to write: sequence.json plus one concept folder per concept")
     we.add_argument("--train-views", type=int, default=12, help="training views per concept (default %(default)s)")
+    we.add_argument("--val-views", type=int, default=12,
+                    help="held-out validation views per concept, in val/ (default %(default)s)")
     we.add_argument("--eval-views", type=int, default=12,
                     help="held-out evaluation views per concept (default %(default)s)")
     we.add_argument("--seed", type=int, default=0, help="render seed (default %(default)s)")
@@ -123,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--model", default=None,
                     help=MODEL_HELP + "; later calls default to the state's own and refuse another model")
     lp.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
-    lp.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
+    lp.add_argument("--seed", type=int, default=None,
+                    help="training seed (default 0); on a new stream it also seeds the adapter's initialisation")
     lp.add_argument("--device", default=None, help=DEVICE_HELP)
     lp.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
                     help="autocast training forward passes through accelerate (bf16; fp16 on GPUs only; "
@@ -163,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     bp = sub.add_parser("bench", help="run the continual-personalization benchmark (methods x seeds) and write "
                         "results.json + report.md; reruns resume")
     add_arguments(bp, BENCH_OPTIONS)
+    bp.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                    help="instead of running: combine the --out folders of the N shards of a --shard K/N split "
+                         "into --out (results.json + report.md, run folders without their state/); shards made "
+                         "under other settings are refused; takes no other option")
 
     dp = sub.add_parser("demo", help="learn a 3-concept tabletop stream with ewc-dc and write grids + a report")
     dp.add_argument("--out", default="out/demo", help="folder for data, state, grids and report.md (default %(default)s)")
@@ -216,7 +223,11 @@ def run(args: argparse.Namespace) -> int:
         from conceptstream.evaluation.bench.options import BENCH_OPTIONS
         from conceptstream.evaluation.options import cli_values
 
-        results = bench.run_bench(**cli_values(args, BENCH_OPTIONS))
+        if args.merge is not None:
+            _refuse_with_merge(args, BENCH_OPTIONS)
+            results = bench.merge_bench(args.merge, args.out)
+        else:
+            results = bench.run_bench(**cli_values(args, BENCH_OPTIONS))
         print(bench.format_summary(results))
         return 1 if results["failed"] else 0
     if args.command == "demo":
@@ -235,6 +246,19 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2) if args.json else speed.format_table(results))
         return 0
     raise AssertionError(args.command)
+
+
+def _refuse_with_merge(args: argparse.Namespace, options) -> None:
+    """``bench --merge`` uses the shards' own settings: a bench option given beside it is a mistake."""
+    from conceptstream.errors import UserInputError
+
+    for o in options:
+        if o.cli_flag is None or o.name == "out":
+            continue
+        unset = {"store_true": False, "store_false": True, "append": []}.get(o.action)
+        if getattr(args, o.name) != unset:
+            raise UserInputError(f"bench --merge combines finished shards under their own settings; drop "
+                                 f"{o.cli_flag}")
 
 
 def _world(args: argparse.Namespace) -> int:
@@ -260,7 +284,8 @@ def _world(args: argparse.Namespace) -> int:
         from conceptstream.world.folders import export_sequence
 
         concepts = catalogue.get_sequence(args.sequence)
-        export_sequence(concepts, Path(args.dir), args.train_views, args.eval_views, args.seed, progress=True)
+        export_sequence(concepts, Path(args.dir), args.train_views, args.eval_views, args.seed, progress=True,
+                        val_views=args.val_views)
         print(f"wrote {len(concepts)} concept folders to {args.dir}")
         return 0
     if args.world_command == "export-classes":

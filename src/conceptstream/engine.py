@@ -23,13 +23,13 @@ from conceptstream.methods.registry import get_method, method_defaults, validate
 from conceptstream.models.conditioning import sdxl_time_ids
 from conceptstream.models.loading import check_same_kind, load_pipeline, model_fingerprint, pipeline_kind
 from conceptstream.models.tokens import (
-    SECOND_ENCODER_KEY,
     ConceptEmbedding,
     add_tokens,
     check_new_token,
     encoder_pairs,
     init_token_rows,
     set_rows,
+    token_key,
     unknown_tokens,
 )
 from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
@@ -218,9 +218,9 @@ class ConceptStream:
     def encode_prompts(self, prompts: list[str]):
         """The UNet conditioning of prompts (see :meth:`TaskContext.encode`): a tensor for SD 1.x/2.x, a
         :class:`~conceptstream.models.conditioning.Conditioning` for SDXL."""
-        ctx = TaskContext(**self._context_parts(), dc=self.dc, concepts=[], latent_mean=torch.empty(0),
-                          latent_std=torch.empty(0), generator=torch.Generator(), device=self.device)
-        return ctx.encode(prompts)
+        from conceptstream.models.conditioning import encode_conditioning
+
+        return encode_conditioning(encoder_pairs(self.pipe), prompts, self.time_ids, self.device)
 
     def _context_parts(self) -> dict[str, Any]:
         """The model parts of a :class:`TaskContext` (SDXL: the second encoder and the time ids as well)."""
@@ -277,19 +277,51 @@ class ConceptStream:
         processes every step (data parallelism); the Fisher and DSC consolidation run per process and the
         caller commits the main process's result. Fisher estimation and consolidation run in full precision.
         """
+        return self._learn([(images, token, noun)], steps, seed, progress, on_step, checkpoint_every, on_checkpoint,
+                           resume, mixed_precision, gradient_checkpointing)
+
+    def learn_joint(self, concepts: list[tuple[list[Image.Image], str, str]], steps: int = DEFAULT_STEPS,
+                    seed: int = 0, progress: bool = True, mixed_precision: str = "no",
+                    gradient_checkpointing: bool = False) -> TaskReport:
+        """Learn several concepts at once, ``(images, token, noun)`` each, in one task of ``steps`` steps: every
+        minibatch draws from all their images, each image captioned with its own token (the *joint* reference
+        bound of the bench, not continual learning). Only methods with ``supports_joint`` (``lora``), and SD
+        1.x/2.x pipelines; no in-task checkpoints. The report's ``token`` lists the tokens."""
+        if not self.method.supports_joint:
+            raise UserInputError(f"method {self.settings.method!r} learns one concept per task; joint learning of "
+                                 "several concepts at once takes --method lora")
+        if len(encoder_pairs(self.pipe)) != 1:
+            raise UserInputError("joint learning of several concepts at once supports SD 1.x/2.x pipelines (one "
+                                 "text encoder); learn SDXL concepts one at a time")
+        if not concepts:
+            raise UserInputError("no concepts given to learn jointly")
+        tokens = [t for _, t, _ in concepts]
+        if len(set(tokens)) != len(tokens):
+            raise UserInputError(f"joint learning got a token twice ({', '.join(tokens)}); each concept needs its own")
+        return self._learn(concepts, steps, seed, progress, None, 0, None, None, mixed_precision,
+                           gradient_checkpointing)
+
+    def _learn(self, items: list[tuple[list[Image.Image], str, str]], steps: int, seed: int, progress: bool,
+               on_step, checkpoint_every: int, on_checkpoint, resume, mixed_precision: str,
+               gradient_checkpointing: bool) -> TaskReport:
+        """One task over ``items`` (one concept for ``learn``, several for ``learn_joint``)."""
         import time
 
         from tqdm.auto import tqdm
 
-        if not images:
-            raise UserInputError("no training images given")
-        if token in self.tokens:
-            raise UserInputError(f"token {token!r} is already in this stream; pick a new token for a new concept")
-        for tokenizer, _ in encoder_pairs(self.pipe):
-            check_new_token(tokenizer, token)
-        noun = noun.strip()
-        if not noun:
-            raise UserInputError("the class noun is empty; give one, e.g. --noun 'teddy bear'")
+        cleaned = []
+        for images, token, noun in items:
+            if not images:
+                raise UserInputError("no training images given")
+            if token in self.tokens:
+                raise UserInputError(f"token {token!r} is already in this stream; pick a new token for a new concept")
+            for tokenizer, _ in encoder_pairs(self.pipe):
+                check_new_token(tokenizer, token)
+            noun = noun.strip()
+            if not noun:
+                raise UserInputError("the class noun is empty; give one, e.g. --noun 'teddy bear'")
+            cleaned.append((images, token, noun))
+        (images, token, noun), joint = cleaned[0], len(cleaned) > 1
         if steps < 1:
             raise UserInputError(f"--steps must be >= 1, got {steps}")
         accelerator = make_accelerator(mixed_precision, self.device)
@@ -301,24 +333,29 @@ class ConceptStream:
         process_seed = seed + RANK_SEED_STRIDE * accelerator.process_index  # each process draws its own batches
         progress = progress and accelerator.is_main_process
         torch.manual_seed(process_seed)
-        mean, std = self.encode_images(images)
+        encoded = [self.encode_images(imgs) for imgs, _, _ in cleaned]
+        mean, std = torch.cat([m for m, _ in encoded]), torch.cat([s for _, s in encoded])
         pipe, method = self.pipe, self.method
         pairs = encoder_pairs(pipe)
-        token_ids = []
+        token_ids = []  # per encoder: one id per new token (SD 1.x/2.x: one encoder; SDXL: two, one token)
         for tokenizer, encoder in pairs:
-            (token_id,) = add_tokens(tokenizer, encoder, [token])
-            init_token_rows(tokenizer, encoder, [token_id], None if method.random_token_init else noun, seed=seed)
-            token_ids.append(token_id)
-        token_id = token_ids[0]
-        concepts = [*self.concept_infos(), ConceptInfo(token, noun, token_id, len(self.tokens))]
-        ctx = TaskContext(**self._context_parts(), dc=self.dc, concepts=concepts, latent_mean=mean,
+            ids = add_tokens(tokenizer, encoder, [t for _, t, _ in cleaned])
+            for tid, (_, _, n) in zip(ids, cleaned):
+                init_token_rows(tokenizer, encoder, [tid], None if method.random_token_init else n, seed=seed)
+            token_ids.append(ids)
+        seen = self.concept_infos()
+        new = [ConceptInfo(t, n, tid, len(seen) + k) for k, ((_, t, n), tid) in enumerate(zip(cleaned, token_ids[0]))]
+        owner = torch.cat([torch.full((len(m),), len(seen) + k) for k, (m, _) in enumerate(encoded)]) if joint else None
+        ctx = TaskContext(**self._context_parts(), dc=self.dc, concepts=[*seen, *new], latent_mean=mean,
                           latent_std=std, generator=torch.Generator().manual_seed(process_seed), device=self.device,
-                          include_noun=method.include_noun, progress=progress)
-        wrappers = self._token_wrappers(token_ids) if method.trains_token else []
+                          include_noun=method.include_noun, progress=progress, latent_owner=owner)
+        wrappers = self._token_wrappers(token_ids[0] if joint else [ids[0] for ids in token_ids]) \
+            if method.trains_token else []
         wrapper = wrappers[0] if wrappers else None
         for (_, encoder), w in zip(pairs, wrappers):
             encoder.set_input_embeddings(w)
         task = {"token": token, "noun": noun, "seed": seed, "steps": steps, "images": len(images)}
+        token = " ".join(t for _, t, _ in cleaned)  # the report's name of the task
         try:
             method.before_task(ctx)
             groups = method.trainable_groups(ctx, wrapper.rows if wrapper is not None else None)
@@ -366,11 +403,14 @@ class ConceptStream:
                 pipe.unet.disable_gradient_checkpointing()
             pipe.unet.eval()
         logs.extend(ctx.logs)
-        self.manifest["concepts"].append({"token": token, "noun": noun, "task_index": len(self.tokens),
-                                          "created_at": utc_now(), "steps": steps, "seed": seed,
-                                          "images": len(images), "mixed_precision": mixed_precision})
+        for info, (imgs, _, _) in zip(new, cleaned):
+            self.manifest["concepts"].append({"token": info.token, "noun": info.noun, "task_index": len(self.tokens),
+                                              "created_at": utc_now(), "steps": steps, "seed": seed,
+                                              "images": len(imgs), "mixed_precision": mixed_precision,
+                                              **({"learned_jointly_with": len(cleaned)} if joint else {})})
         self._sync_manifest()
-        return TaskReport(token, noun, len(self.tokens) - 1, steps, time.time() - t0, loss_value, logs)
+        return TaskReport(token, " ".join(n for _, _, n in cleaned) if joint else noun, len(self.tokens) - 1, steps,
+                          time.time() - t0, loss_value, logs)
 
     def _token_wrappers(self, token_ids: list[int]) -> list[ConceptEmbedding]:
         """One :class:`ConceptEmbedding` per text encoder for the new token. SD 1.x/2.x: one wrapper owning its
@@ -513,7 +553,3 @@ class ConceptStream:
         return images
 
 
-def token_key(token: str, encoder: int) -> str:
-    """A token's key in the state's ``tokens`` file: the token itself for the first text encoder (the SD 1.x
-    format), ``text_encoder_2:<token>`` for SDXL's second."""
-    return token if encoder == 0 else f"{SECOND_ENCODER_KEY}{token}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -26,16 +27,8 @@ LABEL_DIRS = {"lora": "runs/lora-lora/seed0", "ewc-dc": "runs/ewc-dc-lora/seed0"
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from diffusers import StableDiffusionPipeline
-
-    from conceptstream.world.tiny_model import build_components
-
-    folder = tmp_path_factory.mktemp("tiny-sd") / "pipe"
-    pipe = StableDiffusionPipeline(**build_components(0), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return str(folder)
+def tiny_model(random_model_path) -> str:
+    return str(random_model_path)  # an untrained tiny pipeline (tests/conftest.py)
 
 
 class LearnSpy:
@@ -148,6 +141,98 @@ def test_user_sequence_folder_needs_held_out_images(tmp_path):
         prepare_data(root, tmp_path / "out", 3, 3)
 
 
+def test_split_val_scores_val_views_and_needs_them_in_a_user_folder(tmp_path, capsys):
+    from conftest import assert_one_line_error
+
+    from conceptstream.cli import main
+    from conceptstream.world.catalogue import get_sequence
+    from conceptstream.world.folders import export_sequence
+
+    root = tmp_path / "mine"
+    export_sequence(get_sequence("tabletop-3")[:2], root, train_views=1, eval_views=2, val_views=2)
+    val, test = prepare_data(root, tmp_path / "o", 1, 2, split="val"), prepare_data(root, tmp_path / "o", 1, 2)
+    assert (val.split, test.split) == ("val", "test")
+    assert val.heldout_images(1) == val.concepts[1].val_images() and len(val.heldout_images(1)) == 2
+    assert test.heldout_images(1) == test.concepts[1].eval_images()
+    assert not set(val.heldout_images(1)) & set(test.heldout_images(1))
+    name = val.concepts[1].name
+    (root / name / "val" / "001.png").unlink()  # one validation view left: too few for MMD/KID
+    with pytest.raises(UserInputError, match=f"concept {name} has 1 validation image"):
+        prepare_data(root, tmp_path / "o", 1, 2, split="val")
+    assert prepare_data(root, tmp_path / "o", 1, 2).split == "test"  # the test split does not need val/
+    out = tmp_path / "bench"
+    assert main(["bench", "--out", str(out), "--sequence", str(root), "--split", "val", "--quick"]) == 2
+    line = assert_one_line_error(capsys.readouterr().err)
+    assert f"concept {name} has 1 validation image(s) in {root / name / 'val'}" in line
+    assert "add them to" in line and "or use --split test" in line
+    assert not out.exists()
+    with pytest.raises(UserInputError, match="--split must be one of val, test, got 'eval'"):
+        run_bench(out, split="eval", quick=True)
+    assert not out.exists()
+
+
+def test_a_named_sequence_is_rendered_with_val_views(tmp_path):
+    data = prepare_data("tabletop-3", tmp_path, 1, 2, max_concepts=1, progress=False, log=lambda line: None,
+                        val_views=3, split="val")
+    assert data.root.name == "tabletop-3-1c-train1-val3-eval2"
+    marker = json.loads((data.root / "bench-data.json").read_text())
+    assert (marker["train_views"], marker["val_views"], marker["eval_views"]) == (1, 3, 2)
+    c = data.concepts[0]
+    assert (len(c.train_images()), len(c.val_images()), len(c.eval_images())) == (1, 3, 2)
+    assert data.heldout_images(0) == c.val_images()
+
+
+def test_the_data_fingerprint_covers_val_images(tmp_path):
+    import hashlib
+
+    from conceptstream.evaluation.bench.data import folder_fingerprint
+    from conceptstream.world.catalogue import get_sequence
+    from conceptstream.world.folders import export_sequence
+
+    concepts = export_sequence(get_sequence("tabletop-3")[:1], tmp_path, train_views=1, eval_views=2)
+    h = hashlib.sha256()  # the fingerprint as it was before val/ existed: a folder without val keeps it
+    for c in concepts:
+        h.update(f"{c.name}|{c.token}|{c.noun}".encode())
+        for split, paths in (("train", c.train_images()), ("eval", c.eval_images())):
+            for p in paths:
+                h.update(f"{split}/{p.name}:{p.stat().st_size}".encode())
+    before = folder_fingerprint(concepts)
+    assert before == h.hexdigest()[:16]
+    shutil.copy(concepts[0].eval_images()[0], concepts[0].val_dir / "000.png")
+    with_val = folder_fingerprint(concepts)
+    assert with_val != before
+    shutil.copy(concepts[0].eval_images()[1], concepts[0].val_dir / "001.png")
+    assert folder_fingerprint(concepts) not in (before, with_val)
+
+
+def test_the_split_enters_the_run_config_and_results_settings(tmp_path):
+    """A run made on val is refused for test (and the other way round); a test run's config is the
+    one saved before --split existed, so finished test runs stay valid."""
+    from types import SimpleNamespace
+
+    from conceptstream.evaluation.bench import BenchContext, BenchData, BenchRun, resolve_settings
+    from conceptstream.evaluation.bench.results import compile_results
+
+    def context(split):
+        s = resolve_settings(tmp_path / "o", {"quick": True, "methods": "lora", "split": split})
+        data = BenchData([], s.sequence, True, "f" * 16, tmp_path / "o" / "data", s.split)
+        return BenchContext(s, data, SimpleNamespace(name="feat", dim=3),
+                            SimpleNamespace(t2i_available=False, t2i_reason="no text"),
+                            {"reference": "tiny", "fingerprint": "m"}, "DDIMScheduler", print)
+
+    variant = expand_variants(["lora"], "lora")[0]
+    val, test = BenchRun(context("val"), variant, 0), BenchRun(context(None), variant, 0)
+    assert test.ctx.settings.split == "test" and "split" not in test.config()
+    assert val.config() == {**test.config(), "split": "val"}
+    with pytest.raises(StateError, match=r"\(split differ\)"):
+        test._check_config(val.config(), tmp_path / "progress.json")
+    with pytest.raises(StateError, match=r"\(split differ\)"):
+        val._check_config(test.config(), tmp_path / "progress.json")
+    for run, split in ((val, "val"), (test, "test")):
+        doc = compile_results(run.ctx, [variant], 1, {}, [], 0.0)
+        assert doc["settings"]["split"] == split
+
+
 def test_cli_bench_is_a_thin_wrapper(monkeypatch, capsys):
     from conceptstream import cli
 
@@ -194,7 +279,20 @@ def test_every_bench_option_is_declared_once_with_help():
     assert all(a.help for a in flags.values())
     assert flags["--set"].dest == "hparams" and flags["--stop-on-error"].dest == "keep_going"
     run_keys = {o.name for o in BENCH_OPTIONS if o.check == "run"}
-    assert run_keys == {"steps", "rank", "targets", "dc_eval_timesteps", "multi_pairs", "eval_every"}
+    assert run_keys == {"steps", "rank", "targets", "dc_eval_timesteps", "multi_pairs", "eval_every", "split",
+                        "dc_elimination"}
+
+
+def test_run_summary_reports_both_dc_accuracies():
+    from conceptstream.evaluation.bench import run_summary
+    from conceptstream.evaluation.bench.results import SUMMARY_KEYS, matrix_from_rows
+
+    matrices = {k: matrix_from_rows([[1.0, None], [2.0, 3.0]], 2) for k in ("MMD", "KID", "I2I")}
+    summary = run_summary(matrices, 0.25, [{"learn_seconds": 2.0}], 0.1, dc_acc_own_class=0.75)
+    assert (summary["DC_acc"], summary["DC_acc_own_class"], summary["DC_ECE"]) == (0.25, 0.75, 0.1)
+    assert set(summary) == set(SUMMARY_KEYS) and summary["T2I"] is None
+    assert "favours methods trained against c_0" in SUMMARY_KEYS["DC_acc_own_class"]
+    assert run_summary(matrices, 0.25, [])["DC_acc_own_class"] is None
 
 
 def test_quick_values_apply_only_to_options_not_given(tmp_path):
@@ -243,9 +341,10 @@ def test_results_json_has_summary_matrices_and_settings(bench_dir):
     for label in METHODS:
         s = doc["summary"][label]
         for key in ("A_MMD", "BwT_MMD", "forgetting_MMD", "plasticity_MMD", "KID", "I2I", "DC_acc", "DC_ECE"):
-            assert set(s[key]) == {"mean", "std", "n"}, key
+            assert set(s[key]) == {"mean", "std", "n", "ci95", "ci_low", "ci_high"}, key
             assert s[key]["n"] == 1 and isinstance(s[key]["mean"], float) and s[key]["std"] == 0.0
-        assert s["T2I"] == {"mean": None, "std": None, "n": 0}  # no CLIP: unavailable, not made up
+        assert s["T2I"] == {"mean": None, "std": None, "n": 0, "ci95": None, "ci_low": None,
+                            "ci_high": None}  # no CLIP: unavailable, not made up
         assert 0.0 <= s["DC_acc"]["mean"] <= 1.0
         run = doc["runs"][label]["seeds"]["0"]
         for metric in ("MMD", "KID", "I2I"):
@@ -257,7 +356,12 @@ def test_results_json_has_summary_matrices_and_settings(bench_dir):
         assert s["A_MMD"]["mean"] == pytest.approx(a_mmd)
         bwt = run["matrices"]["MMD"][0][0] - run["matrices"]["MMD"][1][0]
         assert s["BwT_MMD"]["mean"] == pytest.approx(bwt)
-        assert len(run["dc"]["confusion"]) == 2 and len(run["dc"]["confusion"][0]) == 3  # c_0 + 2 concepts
+        # the fixed set: 2 concepts + the class prompts of their 2 nouns; own class: c_0 + 2 concepts
+        assert len(run["dc"]["confusion"]) == 2 and len(run["dc"]["confusion"][0]) == 4
+        assert run["dc"]["candidates"][2:] == [f"a photo of a {c['noun']}" for c in doc["settings"]["concepts"]]
+        own = run["dc"]["own_class"]
+        assert len(own["confusion"]) == 2 and len(own["confusion"][0]) == 3 and 0.0 <= own["accuracy"] <= 1.0
+        assert s["DC_acc"]["mean"] == pytest.approx(run["dc"]["accuracy"])
         cal = run["dc"]["calibration"]
         assert 0.0 <= cal["ece"] <= 1.0 and 0.0 <= cal["true_prob"] <= 1.0 and cal["nll"] >= 0.0
         assert s["DC_ECE"]["mean"] == pytest.approx(cal["ece"])
@@ -271,7 +375,8 @@ def test_results_json_has_summary_matrices_and_settings(bench_dir):
     assert doc["runs"]["ewc-dc"]["seeds"]["0"]["hparams"]["ewc_lambda"] is not None
     settings = doc["settings"]
     assert settings["steps"] == 2 and settings["quick"] is True and settings["seeds"] == [0]
-    assert settings["data"] == "data/tabletop-3-2c-train3-eval3"  # relative to the out folder
+    assert settings["data"] == "data/tabletop-3-2c-train3-val3-eval3"  # relative to the out folder
+    assert settings["split"] == "test" and all("split" not in r["seeds"]["0"]["config"] for r in doc["runs"].values())
     assert len(settings["concepts"]) == 2 and settings["features"]["name"] == "efficientnet-lite0"
     assert settings["generation"]["images_per_concept"] == 2 and settings["generation"]["sampler"]
     assert "torch" in doc["versions"] and "diffusers" in doc["versions"]
@@ -447,3 +552,24 @@ def test_a_bad_method_setting_is_one_line_and_writes_nothing(tmp_path, capsys, a
     assert main(["bench", "--out", str(out), "--methods", "lora,ewc-dc", "--quick", *args]) == 2
     assert needle in assert_one_line_error(capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_split_val_scores_the_val_views_and_elimination_is_recorded(tmp_path, tiny_model):
+    """--split val: generated images and the DC classification use val/ (2 views), never eval/ (3 views);
+    --dc-elimination runs the final classification by successive elimination and says so."""
+    from conceptstream.world.catalogue import get_sequence
+    from conceptstream.world.folders import export_sequence
+
+    export_sequence(list(get_sequence("tabletop-3"))[:2], tmp_path / "seq", train_views=2, eval_views=3,
+                    val_views=2)
+    doc = run_bench(tmp_path / "out", sequence=str(tmp_path / "seq"), methods=["lora"], quick=True, steps=1,
+                    model=tiny_model, split="val", dc_elimination="1:2", progress=False, log=lambda line: None)
+    run = doc["runs"]["lora"]["seeds"]["0"]
+    assert run["dc"]["images"] == [2, 2]
+    assert run["dc"]["elimination"] is not None and run["config"]["dc_elimination"] == "1:2"
+    assert doc["settings"]["split"] == "val" and doc["settings"]["dc_eval"]["elimination"] == "1:2"
+    assert [c["val_images"] for c in doc["settings"]["concepts"]] == [2, 2]
+    with pytest.raises(UserInputError, match="elimination"):
+        run_bench(tmp_path / "bad", sequence=str(tmp_path / "seq"), methods=["lora"], quick=True,
+                  model=tiny_model, dc_elimination="2:x", progress=False, log=lambda line: None)
+    assert not (tmp_path / "bad").exists()

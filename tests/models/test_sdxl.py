@@ -159,5 +159,6 @@ def test_quick_bench_runs_on_sdxl(tmp_path, sdxl_model_path):
     summary = results["summary"]["ewc-dc"]
     assert 0.0 <= summary["DC_acc"]["mean"] <= 1.0 and isinstance(summary["A_MMD"]["mean"], float)
     run = results["runs"]["ewc-dc"]["seeds"]["0"]
-    assert len(run["dc"]["confusion"]) == 2 and len(run["dc"]["confusion"][0]) == 3  # c_0 + 2 concepts
+    assert len(run["dc"]["confusion"]) == 2 and len(run["dc"]["confusion"][0]) == 4  # 2 concepts + 2 nouns
+    assert len(run["dc"]["own_class"]["confusion"][0]) == 3  # c_0 + 2 concepts
     assert json.loads((out / "results.json").read_text())["complete"] is True

@@ -156,6 +156,9 @@ def test_vae_downsample_2_gives_32x32_latents_vae_only_export_and_resume_checks(
     out = BaseTrainer(cfg, progress=False).run()
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert len(pipe.vae.config.block_out_channels) == 2 and pipe.unet.config.sample_size == 32
+    # a convolution-only 32-channel block in front keeps the attention blocks at 8x8 and 4x4
+    assert list(pipe.unet.config.block_out_channels) == [32, 64, 96, 96]
+    assert list(pipe.unet.config.down_block_types[:2]) == ["DownBlock2D", "DownBlock2D"]
     z = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert z.shape == (1, 4, 32, 32)
     assert pipe("a photo of a mug", num_inference_steps=2).images[0].size == (64, 64)

@@ -17,13 +17,6 @@ from conceptstream.world.folders import export_classes
 from conceptstream.world.render import TabletopRenderer
 
 
-@pytest.fixture(scope="module")
-def renderer():
-    r = TabletopRenderer(64)
-    yield r
-    r.close()
-
-
 def _px(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
@@ -65,7 +58,7 @@ def test_different_index_or_seed_gives_different_pixels(renderer):
 # -- catalogue -----------------------------------------------------------------------------------
 def test_named_sequences_have_the_documented_lengths():
     lengths = {name: len(get_sequence(name)) for name in catalogue.SEQUENCES}
-    assert lengths == {"tabletop-3": 3, "tabletop-6": 6, "tabletop-10": 10, "tabletop-50": 50}
+    assert lengths == {"tabletop-3": 3, "tabletop-6": 6, "tabletop-6b": 6, "tabletop-10": 10, "tabletop-50": 50}
     fifty = get_sequence("tabletop-50")
     assert len({c.name for c in fifty}) == 50
     assert len({c.token for c in fifty}) == 50
@@ -151,7 +144,7 @@ def test_cli_world_list_json():
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert [c["noun"] for c in data["classes"]] == [c.noun for c in BASE_CLASSES]
-    assert set(data["sequences"]) == {"tabletop-3", "tabletop-6", "tabletop-10", "tabletop-50"}
+    assert set(data["sequences"]) == {"tabletop-3", "tabletop-6", "tabletop-6b", "tabletop-10", "tabletop-50"}
     assert len(data["sequences"]["tabletop-50"]["concepts"]) == 50
     assert res.stderr == ""
 

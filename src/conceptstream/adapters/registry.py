@@ -25,7 +25,12 @@ ADAPTER_MARKERS = ("lora_A", "lora_B", "vera_lambda_b", "vera_lambda_d")
 
 @dataclass
 class AdapterSpec:
-    """What adapter to put on the UNet. ``alpha`` defaults to ``rank`` (scale 1)."""
+    """What adapter to put on the UNet. ``alpha`` defaults to ``rank`` (scale 1).
+
+    ``seed`` fixes the random part of the initialisation (LoRA's A, VeRA's shared projections);
+    :func:`conceptstream.api.learn` sets it to the seed of the task that creates the stream, and a
+    saved spec without it (older states) means seed 0.
+    """
 
     kind: str = "lora"
     rank: int = 4
@@ -107,7 +112,8 @@ _VERA_TUNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def attach_adapter(unet, spec: AdapterSpec) -> None:
-    """Inject the adapter into the UNet (peft), trainable, base weights frozen."""
+    """Inject the adapter into the UNet (peft), trainable, base weights frozen; its random initialisation
+    (LoRA's A, VeRA's projections) is a function of ``spec.seed`` alone."""
     spec.validate()
     unet.requires_grad_(False)
     torch.manual_seed(spec.seed)

@@ -3,10 +3,13 @@
     DIR/sequence.json            {"concepts": ["name1", "name2", ...]}   (ordered)
     DIR/<name>/concept.json      {"token": "<name>", "noun": "teddy bear"}
     DIR/<name>/train/*.png       training views
-    DIR/<name>/eval/*.png        held-out evaluation views (optional for users)
+    DIR/<name>/val/*.png         held-out validation views (optional): for tuning and sweeps
+    DIR/<name>/eval/*.png        held-out test views (optional for users): for published numbers
 
-A single concept folder (``concept.json`` + ``train/``) is also accepted wherever one concept is
-expected.
+The three splits are disjoint views of the same concept. ``eval/`` is the test split (the folder
+keeps its name, so folders written before validation views existed stay valid); a folder without
+``val/`` simply has no validation views. A single concept folder (``concept.json`` + ``train/``) is
+also accepted wherever one concept is expected.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 
 from conceptstream.errors import UserInputError
 
+# The held-out splits: name -> the folder that holds its views ("test" keeps the historical eval/).
+HELDOUT_SPLITS = {"val": "val", "test": "eval"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TOKEN_RE = re.compile(r"^<[A-Za-z0-9][A-Za-z0-9_\-.]*>$")
 
@@ -36,14 +41,40 @@ class ConceptFolder:
         return self.path / "train"
 
     @property
+    def val_dir(self) -> Path:
+        """Validation views (the ``val`` split)."""
+        return self.path / "val"
+
+    @property
     def eval_dir(self) -> Path:
+        """Test views (the ``test`` split; the folder is named ``eval/``)."""
         return self.path / "eval"
+
+    def heldout_dir(self, split: str) -> Path:
+        """The folder of a held-out split: ``val/`` for ``"val"``, ``eval/`` for ``"test"``."""
+        return self.path / _split_folder(split)
 
     def train_images(self) -> list[Path]:
         return list_images(self.train_dir)
 
+    def val_images(self) -> list[Path]:
+        """Validation views; empty when the folder has no ``val/``."""
+        return self.heldout_images("val")
+
     def eval_images(self) -> list[Path]:
-        return list_images(self.eval_dir) if self.eval_dir.is_dir() else []
+        """Test views; empty when the folder has no ``eval/``."""
+        return self.heldout_images("test")
+
+    def heldout_images(self, split: str) -> list[Path]:
+        """The held-out views of ``split`` (``"val"`` or ``"test"``); empty when its folder is absent."""
+        folder = self.heldout_dir(split)
+        return list_images(folder) if folder.is_dir() else []
+
+
+def _split_folder(split: str) -> str:
+    if split not in HELDOUT_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(HELDOUT_SPLITS)}, got {split!r}")
+    return HELDOUT_SPLITS[split]
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -70,10 +101,11 @@ def validate_token(token: str) -> str:
 
 
 def write_concept(folder: Path, token: str, noun: str) -> Path:
-    """Create ``folder`` with its ``concept.json`` (images are written by the caller)."""
+    """Create ``folder`` with its ``concept.json`` and empty ``train/``, ``val/`` and ``eval/`` (images
+    are written by the caller)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train").mkdir(exist_ok=True)
-    (folder / "eval").mkdir(exist_ok=True)
+    for sub in ("train", *HELDOUT_SPLITS.values()):
+        (folder / sub).mkdir(exist_ok=True)
     (folder / "concept.json").write_text(json.dumps({"token": validate_token(token), "noun": noun}, indent=2) + "\n")
     return folder
 

@@ -23,9 +23,11 @@ class SequenceSource:
 
     names: tuple[str, ...]
     concepts: Callable[[str], list[str]]  # the ordered concept names of a sequence
-    # export(name, root, train_views, eval_views, n_concepts, progress): write the first n_concepts
-    # concepts of the sequence as a sequence folder at root (deterministic: same arguments, same files)
-    export: Callable[[str, Path, int, int, int, bool], None]
+    # export(name, root, train_views, eval_views, n_concepts, progress, val_views): write the first
+    # n_concepts concepts of the sequence as a sequence folder at root, with train_views views in each
+    # concept's train/, val_views in val/ and eval_views in eval/ (the test split), no view shared
+    # between splits (deterministic: same arguments, same files)
+    export: Callable[[str, Path, int, int, int, bool, int], None]
 
 
 def sequence_sources() -> dict[str, SequenceSource]:

@@ -16,6 +16,11 @@ before it is learned), so the upper triangle holds NaN. With ``L = N - 1`` the l
 
 A and P are in the metric's own units (no sign flip). With a single task BwT and F are undefined
 and reported as NaN.
+
+Over seeds, :func:`aggregate_over_seeds` gives each summary's mean, spread and 95% Student-t interval
+of the mean, and :func:`paired_differences` compares two methods seed by seed: the mean difference,
+its 95% t-interval, and ``separated`` only when that interval excludes 0 (the t quantile is computed
+here, :func:`t_quantile`, without scipy).
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 SUMMARY_KEYS = ("final_average", "backward_transfer", "forgetting", "plasticity")
+CI_LEVEL = 0.95  # the two-sided level of every interval over seeds
 
 
 def _finite(value: Any) -> float | None:
@@ -189,11 +196,104 @@ def summarize(matrix: ContinualMatrix, higher_is_better: bool = False) -> dict[s
     }
 
 
+# ------------------------------------------------------------------------------ statistics over seeds
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny, eps = 1e-300, 1e-15
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def regularized_beta(a: float, b: float, x: float) -> float:
+    """``I_x(a, b)``, the regularized incomplete beta function, for ``a, b > 0`` and ``0 <= x <= 1``."""
+    if not (a > 0 and b > 0):
+        raise ValueError(f"regularized_beta needs a, b > 0, got a={a}, b={b}")
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"regularized_beta needs 0 <= x <= 1, got {x}")
+    if x in (0.0, 1.0):
+        return x
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """``P(T <= t)`` for Student's t with ``df`` degrees of freedom."""
+    if not df > 0:
+        raise ValueError(f"Student's t needs df > 0, got {df}")
+    tail = 0.5 * regularized_beta(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
+    return 1.0 - tail if t >= 0 else tail
+
+
+@lru_cache(maxsize=256)
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``t_quantile(0.975, 4)`` = 2.776),
+    by bisection on :func:`t_cdf` to about 1e-12 relative."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"a quantile needs 0 < p < 1, got {p}")
+    if not df > 0:
+        raise ValueError(f"Student's t needs df > 0, got {df}")
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
+def ci_half_width(std: float, n: int, level: float = CI_LEVEL) -> float | None:
+    """Half-width of the two-sided Student-t interval of a mean of ``n`` values with sample std ``std``
+    (``t_{(1+level)/2, n-1} * std / sqrt(n)``); ``None`` below two values (no spread to estimate)."""
+    if n < 2 or std is None or not math.isfinite(std):
+        return None
+    return t_quantile((1.0 + level) / 2.0, n - 1) * std / math.sqrt(n)
+
+
+def _stats(values: list[float]) -> dict[str, float | int | None]:
+    """Mean, std (ddof=1; 0 for one value), n and the 95% t-interval of the mean (None below 2 values)."""
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "std": None, "n": 0, "ci95": None, "ci_low": None, "ci_high": None}
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = ci_half_width(std, n)
+    return {"mean": mean, "std": std, "n": n, "ci95": half,
+            "ci_low": None if half is None else mean - half, "ci_high": None if half is None else mean + half}
+
+
 def aggregate_over_seeds(summaries: Sequence[Mapping[str, float | None]]) -> dict[str, dict[str, float | int | None]]:
-    """Mean, sample standard deviation (ddof=1; 0 for a single value) and count per key over seeds.
+    """Per key over seeds: ``mean``, sample standard deviation ``std`` (ddof=1; 0 for a single value),
+    count ``n``, and the 95% Student-t interval of the mean: half-width ``ci95`` and bounds
+    ``ci_low``/``ci_high`` (``None`` with fewer than two values).
 
     ``None``/NaN values (e.g. BwT of a one-task run) are skipped and not counted; a key with no
-    finite value gets ``{"mean": None, "std": None, "n": 0}``. Keys keep first-seen order.
+    finite value gets ``n = 0`` and ``None`` everywhere else. Keys keep first-seen order.
     """
     keys: list[str] = []
     for summary in summaries:
@@ -210,26 +310,23 @@ def aggregate_over_seeds(summaries: Sequence[Mapping[str, float | None]]) -> dic
             value = _finite(raw)
             if value is not None:
                 values.append(value)
-        n = len(values)
-        if n == 0:
-            out[key] = {"mean": None, "std": None, "n": 0}
-            continue
-        mean = sum(values) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-        out[key] = {"mean": mean, "std": std, "n": n}
+        out[key] = _stats(values)
     return out
 
 
 def paired_differences(method: Mapping[Any, Mapping[str, float | None]], reference: Mapping[Any, Mapping[str, float | None]],
-                       higher_is_better: Mapping[str, bool]) -> dict[str, dict[str, float | int | None]]:
-    """Per summary key: ``method - reference`` on each seed both ran, then mean, std (ddof=1) and
-    ``wins`` (seeds on which the method did strictly better).
+                       higher_is_better: Mapping[str, bool]) -> dict[str, dict[str, Any]]:
+    """Per summary key: ``method - reference`` on each seed both ran, then what
+    :func:`aggregate_over_seeds` gives for those differences (mean, std, n, the 95% t-interval
+    ``ci95``/``ci_low``/``ci_high``), ``wins`` (seeds on which the method did strictly better),
+    ``separated`` (True only with two or more seeds and an interval that excludes 0) and ``better``:
+    ``"method"`` or ``"reference"`` when separated (honouring ``higher_is_better``), else ``None``.
 
     Both arguments map seed -> that run's summary. In a bench every method of one seed shares the
     learning seeds, data and generation seeds, so pairing removes the part of the seed-to-seed
     spread that all methods share; a spread of means can hide a difference that holds on every seed.
     """
-    out: dict[str, dict[str, float | int | None]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for key, higher in higher_is_better.items():
         diffs = []
         for seed, summary in method.items():
@@ -237,7 +334,12 @@ def paired_differences(method: Mapping[Any, Mapping[str, float | None]], referen
             b = _finite((reference.get(seed) or {}).get(key))
             if a is not None and b is not None:
                 diffs.append(a - b)
-        agg = aggregate_over_seeds([{key: d} for d in diffs])[key] if diffs else {"mean": None, "std": None, "n": 0}
+        agg: dict[str, Any] = _stats(diffs)
         agg["wins"] = sum(1 for d in diffs if (d > 0 if higher else d < 0))
+        lo, hi = agg["ci_low"], agg["ci_high"]
+        agg["separated"] = bool(agg["n"] >= 2 and lo is not None and (lo > 0 or hi < 0))
+        agg["better"] = None
+        if agg["separated"]:
+            agg["better"] = "method" if (agg["mean"] > 0) == bool(higher) else "reference"
         out[key] = agg
     return out

@@ -275,6 +275,11 @@ class DCCalibration(Metric):
     ``compute`` also fits temperature scaling: ``best_logit_scale`` s minimises the NLL of
     ``softmax(s * log_probs)``, so the best-calibrated temperature is ``temperature / s`` (s > 1: the
     posteriors are under-confident).
+
+    A candidate may have log-probability ``-inf`` (probability 0: e.g. pruned by successive elimination,
+    ``DiffusionClassifier.eval_errors_eliminating``). ECE and ``true_prob`` stay defined; when a true
+    candidate has probability 0 the NLL is infinite at every scale, and ``best_logit_scale`` and
+    ``nll_at_best_scale`` are None (no temperature can be fitted).
     """
 
     is_differentiable = False
@@ -318,5 +323,7 @@ class DCCalibration(Metric):
         log_probs, targets = dim_zero_cat(self.log_probs), dim_zero_cat(self.targets)
         scales = torch.logspace(-1, 2, 121, dtype=torch.float64)  # 0.1 ... 100
         nll = torch.stack([-torch.log_softmax(s * log_probs, -1).gather(1, targets[:, None]).mean() for s in scales])
+        if not bool(torch.isfinite(nll).any()):
+            return {**out, "best_logit_scale": None, "nll_at_best_scale": None}
         best = int(nll.argmin())
         return {**out, "best_logit_scale": float(scales[best]), "nll_at_best_scale": float(nll[best])}

@@ -28,6 +28,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, bool, int], ...] = (
     ("I2I", "I2I ↑", True, 3),
     ("T2I", "T2I ↑", True, 3),
     ("DC_acc", "DC acc ↑", True, 3),
+    ("DC_acc_own_class", "DC acc own-class ↑", True, 3),
     ("DC_ECE", "DC ECE ↓", False, 3),
     ("learn_seconds", "train s", False, 0),
 )
@@ -68,7 +69,19 @@ def _finite(x: Any) -> bool:
 # ------------------------------------------------------------------------------ tables
 
 
+def _ci95(agg: Mapping[str, Any]) -> float | None:
+    """The 95% t-interval half-width of a summary entry: stored, or from its std and n (older results)."""
+    from conceptstream.evaluation.matrices import ci_half_width
+
+    if _finite(agg.get("ci95")):
+        return agg["ci95"]
+    n = agg.get("n") or 0
+    return ci_half_width(agg["std"], n) if _finite(agg.get("std")) and n > 1 else None
+
+
 def summary_table(doc: Mapping[str, Any]) -> list[str]:
+    """One row per method: each summary's mean over seeds ± the half-width of its 95% t-interval
+    (the mean alone for one seed), the best mean of each column in bold."""
     summary = doc.get("summary", {})
     t2i = doc.get("t2i", {}).get("available", False)
     cols = [c for c in SUMMARY_COLUMNS if c[0] != "T2I" or t2i]
@@ -84,12 +97,12 @@ def summary_table(doc: Mapping[str, Any]) -> list[str]:
         cells = []
         for key, _, _, nd in cols:
             agg = s.get(key) or {}
-            mean, std = agg.get("mean"), agg.get("std")
+            mean = agg.get("mean")
             if not _finite(mean):
                 cells.append("n/a")
                 continue
-            spread = _finite(std) and (agg.get("n") or 0) > 1  # one seed has no spread to show
-            text = f"{mean:.{nd}f} ± {std:.{nd}f}" if spread else f"{mean:.{nd}f}"
+            half = _ci95(agg)  # None for one seed: no spread to show
+            text = f"{mean:.{nd}f} ± {half:.{nd}f}" if half is not None else f"{mean:.{nd}f}"
             cells.append(f"**{text}**" if key in best and mean == best[key] else text)
         lines.append(f"| `{label}` | {n} | " + " | ".join(cells) + " |")
     return lines
@@ -101,32 +114,66 @@ def paired_reference(doc: Mapping[str, Any]) -> str | None:
     return "lora" if "lora" in labels else (labels[0] if labels else None)
 
 
-def paired_table(doc: Mapping[str, Any]) -> list[str]:
-    """Each method minus the reference on the same seed (mean ± std over seeds, and on how many seeds
-    the method was better). Empty when no method shares two or more seeds with the reference."""
+def _paired_rows(doc: Mapping[str, Any]) -> tuple[str, dict[str, dict[str, dict[str, Any]]]] | None:
+    """The reference and, per other method, its paired differences; None when no method shares two or
+    more seeds with the reference."""
     from conceptstream.evaluation.matrices import paired_differences
 
     reference = paired_reference(doc)
     if reference is None:
-        return []
+        return None
     higher = {key: hib for key, _, hib, _ in SUMMARY_COLUMNS if key in PAIRED_KEYS}
     per_seed = {lb: {k: run.get("summary") or {} for k, run in r["seeds"].items()} for lb, r in doc["runs"].items()}
     rows = {lb: paired_differences(seeds, per_seed[reference], higher)
             for lb, seeds in per_seed.items() if lb != reference}
     if not any((d.get("n") or 0) > 1 for diffs in rows.values() for d in diffs.values()):
+        return None
+    return reference, rows
+
+
+def _paired_cell(d: Mapping[str, Any], nd: int) -> str:
+    """``mean [low, high] separated (wins/n better)``; one seed gives no interval."""
+    if not d["n"]:
+        return "n/a"
+    wins = f"({d['wins']}/{d['n']} better)"
+    if d["ci_low"] is None:
+        return f"{d['mean']:+.{nd}f} {wins}"
+    verdict = "**separated**" if d["separated"] else "not separated"
+    return f"{d['mean']:+.{nd}f} [{d['ci_low']:+.{nd}f}, {d['ci_high']:+.{nd}f}] {verdict} {wins}"
+
+
+def paired_table(doc: Mapping[str, Any]) -> list[str]:
+    """Each method minus the reference on the same seed: the mean difference over seeds with its 95%
+    t-interval, whether that interval excludes 0 ("separated"), and on how many seeds the method was
+    better. Empty when no method shares two or more seeds with the reference."""
+    paired = _paired_rows(doc)
+    if paired is None:
         return []
+    reference, rows = paired
+    keys = [key for key, *_ in SUMMARY_COLUMNS if key in PAIRED_KEYS]
     heads = {key: head for key, head, _, _ in SUMMARY_COLUMNS}
-    lines = [f"| method - `{reference}` | seeds | " + " | ".join(f"Δ {heads[k]}" for k in higher) + " |",
-             "|---|---|" + "---|" * len(higher)]
+    lines = [f"| method - `{reference}` | seeds | " + " | ".join(f"Δ {heads[k]} [95% CI]" for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
     for lb, diffs in rows.items():
         n = max(d["n"] for d in diffs.values())
-        cells = []
-        for key in higher:
-            d = diffs[key]
-            nd = 3 if key == "DC_acc" else 1
-            cells.append("n/a" if not d["n"] else f"{d['mean']:+.{nd}f} ± {d['std']:.{nd}f} ({d['wins']}/{d['n']} better)")
+        cells = [_paired_cell(diffs[key], 3 if key.startswith("DC_") else 1) for key in keys]
         lines.append(f"| `{lb}` | {n} | " + " | ".join(cells) + " |")
     return lines
+
+
+def paired_note(doc: Mapping[str, Any]) -> str:
+    """How to read the paired table: what "separated" means, with the seeds it rests on."""
+    from conceptstream.evaluation.matrices import t_quantile
+
+    paired = _paired_rows(doc)
+    counts = sorted({d["n"] for diffs in (paired[1].values() if paired else ()) for d in diffs.values() if d["n"] > 1})
+    if len(counts) == 1:
+        n = counts[0]
+        seeds = f"with {n} seeds (interval: mean ± {t_quantile(0.975, n - 1):.3f} × sd / √{n})"
+    else:
+        seeds = "with n seeds (the seeds column; interval: mean ± t(0.975, n-1) × sd / √n)"
+    return (f"How to read: separated = the 95% t-interval of the per-seed paired difference excludes 0; {seeds}. "
+            "Δ < 0 is better for ↓ columns, Δ > 0 for ↑ columns; few seeds give wide intervals.")
 
 
 # ------------------------------------------------------------------------------ plots
@@ -369,10 +416,13 @@ def _settings_lines(doc: Mapping[str, Any]) -> list[str]:
     g = s["generation"]
     f = s["features"]
     v = doc.get("versions", {})
-    concepts = ", ".join(f"`{c['token']}` ({c['noun']}, {c['train_images']} train / {c['eval_images']} eval)"
-                         for c in s["concepts"])
+    concepts = ", ".join(f"`{c['token']}` ({c['noun']}, {c['train_images']} train"
+                         + (f" / {c['val_images']} val" if c.get("val_images") else "")
+                         + f" / {c['eval_images']} test)" for c in s["concepts"])
     lines = [
         f"- **Sequence**: `{s['sequence']}`, {len(s['concepts'])} concepts: {concepts}",
+        f"- **Split**: every score is against the **{s.get('split', 'test')}** views"
+        + (" (validation: for tuning, not for publication)" if s.get("split") == "val" else ""),
         f"- **Model**: `{s['model']['reference']}` (fingerprint `{s['model']['fingerprint']}`); adapter "
         f"`{s['adapter']}`" + (f" rank {s['rank']}" if s.get("rank") else "") + f"; {s['steps']} steps per task; "
         f"seeds {s['seeds']}" + ("; **quick mode**" if s.get("quick") else ""),
@@ -407,6 +457,23 @@ def method_settings_table(doc: Mapping[str, Any]) -> list[str]:
     return ["| method | settings |", "|---|---|", *rows] if rows else []
 
 
+def _bound_lines(doc: Mapping[str, Any]) -> list[str]:
+    """What the reference rows (``single-task``, ``joint``) of this table are, if it has any."""
+    from conceptstream.evaluation.variants import BOUNDS
+
+    bounds = {r.get("bound") for r in doc.get("runs", {}).values()} & set(BOUNDS)
+    if not bounds:
+        return []
+    lines = ["Reference rows (not continual methods; trained with `lora`'s plain loss on the same adapter):"]
+    lines += [f"- `{b}`: {BOUNDS[b]}." for b in BOUNDS if b in bounds]
+    if "single-task" in bounds:
+        lines.append("  single-task has no DC accuracy (no one model knows every concept); its BwT and forgetting "
+                     "are 0 by construction.")
+    if "joint" in bounds:
+        lines.append("  joint is scored once, after all concepts: its plasticity, BwT and forgetting are undefined.")
+    return [*lines, ""]
+
+
 def write_report(doc: Mapping[str, Any], out: str | Path) -> Path:
     """Write ``out/report.md`` (and figures under ``out/report/``) from a results document."""
     out = Path(out)
@@ -420,17 +487,19 @@ def write_report(doc: Mapping[str, Any], out: str | Path) -> Path:
     settings_table = method_settings_table(doc)
     if settings_table:
         md += ["### Method settings", "", *settings_table, ""]
-    md += ["## Summary (mean ± std over seeds)", "",
+    md += ["## Summary (mean ± 95% t-interval half-width over seeds)", "",
            "A = average over all concepts after the last task; BwT = mean of (score when learned - score at "
            "the end), negative means forgetting; Forgetting = final score minus the best earlier score; "
-           "Plasticity = mean score of each concept right after it was learned. Best mean in bold.", "",
+           "Plasticity = mean score of each concept right after it was learned. Best mean in bold. "
+           "± is the half-width of the 95% Student-t interval of the mean (none for one seed).", "",
            *summary_table(doc), ""]
+    md += _bound_lines(doc)
     paired = paired_table(doc)
     if paired:
         md += [f"### Paired with `{paired_reference(doc)}` (same seed)", "",
                "Each method minus the reference on the same seed, so the spread that a seed gives every method "
-               "(shared data draws, learning and generation seeds) cancels; a difference that holds on every seed "
-               "is real even when the spreads in the table above overlap.", "", *paired, ""]
+               "(shared data draws, learning and generation seeds) cancels: a difference can be separated here even "
+               "when the intervals in the table above overlap.", "", paired_note(doc), "", *paired, ""]
     if not doc.get("t2i", {}).get("available"):
         md += [f"T2I is not reported: {doc.get('t2i', {}).get('reason')}.", ""]
     if doc.get("failed"):

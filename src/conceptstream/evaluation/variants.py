@@ -5,7 +5,10 @@
 - a method list is comma-separated; a method may carry settings in brackets,
   ``lora,ewc-dc[dc_k=2,dc_batch=1]`` (commas inside brackets belong to the method);
 - a bench :class:`Variant` is labelled ``ewc-dc``, ``ewc-dc-vera``, ``ewc-dc[ewc_lambda=10]`` and
-  stored in ``runs/<method>-<adapter>[_key=value...]``, made file-name safe by :func:`slug`.
+  stored in ``runs/<method>-<adapter>[_key=value...]``, made file-name safe by :func:`slug`;
+- the reference bounds ``single-task`` and ``joint`` (:data:`BOUNDS`) are accepted where a method is:
+  plain adapter training (``lora``'s loss, the bench's adapter) of each concept alone from the base model,
+  or of all the stream's concepts together.
 """
 
 from __future__ import annotations
@@ -90,13 +93,26 @@ def parse_variant(label: str) -> tuple[str, dict[str, Any]]:
     return method, hparams
 
 
+# Reference rows of a bench table: not continual methods, but what a continual method is measured against.
+BOUNDS: dict[str, str] = {
+    "single-task": "each concept learned alone from the base model with a fresh adapter (the plasticity "
+                   "ceiling: one model per concept, nothing to forget)",
+    "joint": "all concepts of the stream learned together in one run of len(stream) x steps (not "
+             "continual: the usual upper bound)",
+}
+BOUND_METHOD = "lora"  # how a bound trains: the plain denoising loss on the adapter and the tokens
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One row of the bench's results: a method, its adapter and the swept settings it runs with."""
+    """One row of the bench's results: a method, its adapter and the swept settings it runs with.
+
+    A reference bound (``bound`` in :data:`BOUNDS`) trains with :data:`BOUND_METHOD`'s loss."""
 
     method: str
     adapter: str | None  # None for methods without an adapter (Custom Diffusion, Textual Inversion)
     hparams: tuple[tuple[str, Any], ...] = ()
+    bound: str | None = None
 
     @property
     def sweep_suffix(self) -> str:
@@ -106,12 +122,12 @@ class Variant:
     def label(self) -> str:
         """``ewc-dc``, ``ewc-dc[ewc_lambda=10]``; VeRA runs read ``ewc-dc-vera`` (LoRA is the default)."""
         adapter = f"-{self.adapter}" if self.adapter not in (None, "lora") else ""
-        return f"{self.method}{adapter}{self.sweep_suffix}"
+        return f"{self.bound or self.method}{adapter}{self.sweep_suffix}"
 
     @property
     def dirname(self) -> str:
         """``<method>[-<adapter>][_key=value...]`` with file-name-safe characters only."""
-        name = self.method + (f"-{self.adapter}" if self.adapter else "")
+        name = (self.bound or self.method) + (f"-{self.adapter}" if self.adapter else "")
         for k, v in self.hparams:
             name += f"_{k}={format_value(v)}"
         return slug(name)
@@ -120,7 +136,8 @@ class Variant:
 def expand_variants(methods: Sequence[str], adapter: str = "lora",
                     sweep: Mapping[str, Sequence[Any]] | None = None) -> list[Variant]:
     """Methods x sweep values. A swept key applies to the methods that have that setting; the other
-    methods run once with their defaults. Several keys form a grid (every combination)."""
+    methods run once with their defaults. Several keys form a grid (every combination). A bound
+    (``single-task``, ``joint``) runs once, unswept, on ``adapter``."""
     from conceptstream.methods.registry import adapter_kind_for, get_method
 
     sweep = dict(sweep or {})
@@ -134,6 +151,9 @@ def expand_variants(methods: Sequence[str], adapter: str = "lora",
     used: set[str] = set()
     variants: list[Variant] = []
     for m in seen:
+        if m in BOUNDS:
+            variants.append(Variant(BOUND_METHOD, adapter_kind_for(BOUND_METHOD, adapter), bound=m))
+            continue
         cls = get_method(m)
         kind = adapter_kind_for(m, adapter) if cls.uses_adapter else None
         keys = [k for k in sweep if k in cls.all_defaults()]

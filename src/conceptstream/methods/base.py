@@ -51,6 +51,10 @@ class TaskContext:
     tokenizer_2: Any = None
     text_encoder_2: Any = None
     time_ids: tuple[int, ...] | None = None
+    # Joint learning of several new concepts in one task (the bench's joint bound): the concept index
+    # (into ``concepts``) of each latent row; None when the task learns one concept (``current``).
+    latent_owner: torch.Tensor | None = None
+    _owners: torch.Tensor | None = None  # the owners of the rows of the latest sample_latents draw
 
     @property
     def current(self) -> ConceptInfo:
@@ -70,14 +74,12 @@ class TaskContext:
     def encode(self, prompts: list[str]) -> Cond:
         """The prompts' UNet conditioning: hidden states ``[N, L, D]`` (SD 1.x/2.x), or an SDXL
         :class:`~conceptstream.models.conditioning.Conditioning` (hidden states, pooled embeds, time ids)."""
-        if self.text_encoder_2 is None:
-            from conceptstream.models.tokens import encode_prompts
+        from conceptstream.models.conditioning import encode_conditioning
 
-            return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
-        from conceptstream.models.conditioning import encode_sdxl_prompts
-
-        return encode_sdxl_prompts([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2],
-                                   prompts, self.time_ids, self.device)
+        pairs = [(self.tokenizer, self.text_encoder)]
+        if self.text_encoder_2 is not None:
+            pairs.append((self.tokenizer_2, self.text_encoder_2))
+        return encode_conditioning(pairs, prompts, self.time_ids, self.device)
 
     def fixed_embedding(self, prompt: str) -> Cond:
         """Embeddings of prompts that cannot change during the task (cached, no grad)."""
@@ -94,7 +96,18 @@ class TaskContext:
         z = self.latent_mean[idx] + self.latent_std[idx] * eps
         flip = torch.rand(batch_size, generator=self.generator) < 0.5
         z = torch.where(flip[:, None, None, None], z.flip(-1), z)
+        if self.latent_owner is not None:
+            self._owners = self.latent_owner[idx]
         return z.to(self.device)
+
+    def batch_prompts(self, batch_size: int) -> list[str]:
+        """The caption of each row of the latest :meth:`sample_latents` draw: the current concept's prompt,
+        or under joint learning each row's own concept's."""
+        if self.latent_owner is None:
+            return [self.prompt(self.current)] * batch_size
+        if self._owners is None or len(self._owners) != batch_size:
+            raise RuntimeError("batch_prompts must follow the sample_latents draw of the same batch")
+        return [self.prompt(self.concepts[int(o)]) for o in self._owners]
 
     def dc_candidates(self, k: int, required: tuple[int, ...] = ()) -> tuple[Cond, list[int], int]:
         """Candidate embeddings [K, L, D]: c_0 (class prompt of the current noun) + k seen concepts.
@@ -129,6 +142,9 @@ class ContinualMethod:
     adapter_lr: ClassVar[dict[str, float]] = {}
     # The adapter kinds the method is defined on (None: any registered kind).
     adapter_kinds: ClassVar[tuple[str, ...] | None] = None
+    # Whether the method can learn several concepts in one task (engine.learn_joint): its loss is the
+    # plain denoising loss on ``sample_latents`` draws and nothing in it refers to ``ctx.current`` alone.
+    supports_joint: ClassVar[bool] = False
 
     def __init__(self, **hparams: Any) -> None:
         """Settings are the configs' defaults updated by ``hparams``. Only the names are checked here:
@@ -204,6 +220,6 @@ class ContinualMethod:
         b = z.shape[0]
         t = torch.randint(0, ctx.dc.num_train_timesteps, (b,), generator=ctx.generator).to(ctx.device)
         noise = torch.randn(z.shape, generator=ctx.generator).to(ctx.device)
-        cond = ctx.encode([ctx.prompt(ctx.current)] * b)
+        cond = ctx.encode(ctx.batch_prompts(b))
         pred = unet_forward(ctx.unet, ctx.dc.noisy(z, t, noise), t, cond)
         return F.mse_loss(pred.float(), ctx.dc.training_target(z, t, noise).float())

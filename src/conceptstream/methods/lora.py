@@ -7,3 +7,4 @@ from conceptstream.methods.regularised import RegularisedAdapterMethod
 @register
 class SequentialLoRA(RegularisedAdapterMethod):
     name = "lora"
+    supports_joint = True  # the bench's joint bound trains all concepts together with this loss

@@ -135,3 +135,16 @@ def encode_sdxl_prompts(tokenizers: list, text_encoders: list, prompts: list[str
     h = torch.cat(hidden, dim=-1)
     ids = torch.tensor([list(time_ids)] * len(prompts), dtype=h.dtype, device=h.device)
     return Conditioning(h, pooled, ids)
+
+
+def encode_conditioning(pairs: list[tuple], prompts: list[str], time_ids: tuple[int, ...] | None,
+                        device: torch.device | str = "cpu") -> Cond:
+    """The UNet conditioning of ``prompts`` from the pipeline's ``(tokenizer, text encoder)`` pairs
+    (:func:`~conceptstream.models.tokens.encoder_pairs`): hidden states ``[N, L, D]`` for one encoder (SD
+    1.x/2.x), a :class:`Conditioning` (hidden states, pooled embeds, ``time_ids``) for SDXL's two."""
+    if len(pairs) == 1:
+        from conceptstream.models.tokens import encode_prompts
+
+        (tokenizer, encoder), = pairs
+        return encode_prompts(tokenizer, encoder, prompts, device)
+    return encode_sdxl_prompts([t for t, _ in pairs], [e for _, e in pairs], prompts, time_ids, device)

@@ -69,6 +69,12 @@ def encoder_pairs(pipe) -> list[tuple]:
 SECOND_ENCODER_KEY = "text_encoder_2:"  # SDXL: key prefix of a token's CLIP-G row in the state's tokens file
 
 
+def token_key(token: str, encoder: int) -> str:
+    """A token's key in the state's ``tokens`` file: the token itself for the first text encoder (the SD 1.x
+    format), ``text_encoder_2:<token>`` for SDXL's second."""
+    return token if encoder == 0 else f"{SECOND_ENCODER_KEY}{token}"
+
+
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
     """CLIP hidden states ``[len(prompts), max_length, dim]`` for prompts padded as Stable Diffusion pads them."""
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

@@ -14,12 +14,16 @@ diffusion classifier's score is the ELBO's epsilon-weighted error, and so that `
 the same on epsilon and v models. (The v error is the epsilon error divided by ``abar``, a per-timestep
 weight that would over-weight high noise levels, where the class signal is weakest.)
 
+Classifying many images among many candidates can prune as it goes
+(:meth:`DiffusionClassifier.eval_errors_eliminating`, successive elimination over the same draws).
+
 The scale is explicit: ``reduction="mean"`` averages over latent elements (logit gaps ~1e-3,
 so the temperature must be small), ``"sum"`` sums them (gaps grow with latent size).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 
 from conceptstream.errors import UserInputError
 from conceptstream.methods.config import DCScoresConfig, setting, setting_specs
-from conceptstream.models.conditioning import Cond, candidate_count, per_image_candidates
+from conceptstream.models.conditioning import Cond, Conditioning, candidate_count, cat, per_image_candidates
 from conceptstream.models.conditioning import unet_forward as call_unet
 
 
@@ -146,19 +150,28 @@ class DiffusionClassifier:
         t, noise = self.sample_draw(latents, generator)
         return self.log_probs(self.errors(latents, cond, t, noise, unet_forward))
 
-    @torch.no_grad()
-    def eval_errors(self, latents: torch.Tensor, cond: Cond, seed: int = 0) -> torch.Tensor:
-        """Errors averaged over ``eval_timesteps`` stratified timesteps, same draws for every candidate."""
+    def eval_draws(self, latents: torch.Tensor, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``eval_timesteps`` stratified draws ``(t [B], noise [B, C, H, W])`` of evaluation mode: draw ``j``
+        has its ``t`` in the j-th of ``eval_timesteps`` equal strata of the training timesteps. Seeded, so the
+        full and the eliminating evaluation score the same draws."""
         n = self.config.eval_timesteps
         g = torch.Generator().manual_seed(seed)
         edges = torch.linspace(0, self.num_train_timesteps, n + 1)
-        total = torch.zeros(latents.shape[0], candidate_count(cond), device=latents.device)
+        draws = []
         for j in range(n):
             lo, hi = int(edges[j]), max(int(edges[j]) + 1, int(edges[j + 1]))
             t = torch.randint(lo, hi, (latents.shape[0],), generator=g).to(latents.device)
             noise = torch.randn(latents.shape, generator=g, dtype=latents.dtype).to(latents.device)
+            draws.append((t, noise))
+        return draws
+
+    @torch.no_grad()
+    def eval_errors(self, latents: torch.Tensor, cond: Cond, seed: int = 0) -> torch.Tensor:
+        """Errors averaged over ``eval_timesteps`` stratified timesteps, same draws for every candidate."""
+        total = torch.zeros(latents.shape[0], candidate_count(cond), device=latents.device)
+        for t, noise in self.eval_draws(latents, seed):
             total += self.errors(latents, cond, t, noise)
-        return total / n
+        return total / self.config.eval_timesteps
 
     @torch.no_grad()
     def eval_errors_batched(self, latents: torch.Tensor, cond: Cond, seed: int = 0,
@@ -166,6 +179,63 @@ class DiffusionClassifier:
         """:meth:`eval_errors` [B, K] for any number of images, ``batch_size`` images per UNet call."""
         return torch.cat([self.eval_errors(latents[i : i + batch_size], cond, seed + i)
                           for i in range(0, latents.shape[0], batch_size)])
+
+    @torch.no_grad()
+    def eval_errors_eliminating(self, latents: torch.Tensor, cond: Cond, schedule: Schedule, seed: int = 0,
+                                batch_size: int = 8) -> Elimination:
+        """Evaluation errors by successive elimination (Li et al. 2023, "Your Diffusion Model is Secretly a
+        Zero-Shot Classifier"): every candidate is scored at the first draws, the best few of each image are
+        kept and rescored at more draws, and so on; the survivors of the last stage get all
+        ``eval_timesteps`` draws.
+
+        ``schedule`` is ``((n_1, keep_1), (n_2, keep_2), ...)`` (see :func:`elimination_schedule`): after
+        ``n_s`` draws in total, each image keeps its ``keep_s`` candidates of lowest mean error. The draws are
+        :meth:`eval_draws`' (the same seeds, images chunked by ``batch_size`` as in
+        :meth:`eval_errors_batched`), visited in :func:`draw_order` so that the first few span the timestep
+        range. A candidate's error is its mean over the draws it was scored at, summed in draw order, so a
+        schedule that keeps every candidate gives exactly :meth:`eval_errors_batched`.
+
+        After each pruning every image keeps the same number of survivors, so a stage is one gathered
+        ``[B, k]`` candidate batch per draw; several draws share one UNet call while the call holds at most the
+        full evaluation's ``batch_size x K`` (image, candidate) pairs. ``cond`` is ``[K, ...]`` (shared
+        candidates) or ``[B, K, ...]``.
+        """
+        schedule = elimination_schedule(schedule, self.config.eval_timesteps)
+        parts = [self._eliminate(latents[i : i + batch_size], cond if _shared(cond) else cond[i : i + batch_size],
+                                 schedule, seed + i)
+                 for i in range(0, latents.shape[0], batch_size)]
+        return Elimination(torch.cat([p.errors for p in parts]), torch.cat([p.draws for p in parts]),
+                           sum(p.unet_evaluations for p in parts), schedule)
+
+    def _eliminate(self, latents: torch.Tensor, cond: Cond, schedule: Schedule, seed: int) -> Elimination:
+        n = self.config.eval_timesteps
+        b, k_all = latents.shape[0], candidate_count(cond)
+        draws = self.eval_draws(latents, seed)
+        order = draw_order(n)
+        per_draw = torch.full((n, b, k_all), math.nan, device=latents.device)
+        alive = torch.arange(k_all, device=latents.device).expand(b, k_all)  # [B, k] candidate indices
+        rows = torch.arange(b, device=latents.device)[:, None]
+        evaluations, done = 0, 0
+        for upto, keep in (*schedule, (n, None)):
+            k = alive.shape[1]
+            sub = cond[alive] if _shared(cond) else cond[rows, alive]  # [B, k, ...]
+            per_call = max(1, k_all // k)  # draws per UNet call: at most the full evaluation's B x K pairs
+            todo = order[done:upto]
+            for c in range(0, len(todo), per_call):
+                group = todo[c : c + per_call]
+                d = len(group)
+                err = self.errors(latents.repeat(d, 1, 1, 1), sub if d == 1 else cat([sub] * d),
+                                  torch.cat([draws[j][0] for j in group]), torch.cat([draws[j][1] for j in group]))
+                for m, j in enumerate(group):
+                    per_draw[j].scatter_(1, alive, err[m * b : (m + 1) * b])
+                evaluations += d * b * k
+            done = upto
+            if keep is not None and keep < k:
+                mean = _ordered_mean(per_draw).gather(1, alive)
+                best = mean.argsort(dim=1, stable=True)[:, :keep].sort(dim=1).values
+                alive = alive.gather(1, best)
+        errors = _ordered_mean(per_draw)
+        return Elimination(errors, (~per_draw.isnan()).sum(0), evaluations, schedule)
 
     def classify(self, latents: torch.Tensor, cond: Cond, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
         """Predicted candidate index per image (evaluation mode)."""
@@ -181,6 +251,100 @@ def candidate_subset(seen: int, target: int, k: int, generator: torch.Generator 
     room = max(0, min(k, seen) - len(chosen))
     perm = torch.randperm(len(others), generator=generator)[:room].tolist()
     return sorted(chosen | {others[j] for j in perm})
+
+
+Schedule = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Elimination:
+    """What :meth:`DiffusionClassifier.eval_errors_eliminating` found for B images and K candidates.
+
+    ``errors`` [B, K] is each candidate's mean error over the draws it was scored at and ``draws`` [B, K]
+    how many those were: ``eval_timesteps`` for the survivors of the last stage, fewer for the candidates
+    pruned before. ``unet_evaluations`` counts the (image, candidate, draw) triples the UNet scored (the full
+    evaluation scores B x K x ``eval_timesteps``)."""
+
+    errors: torch.Tensor
+    draws: torch.Tensor
+    unet_evaluations: int
+    schedule: Schedule
+
+    @property
+    def prediction(self) -> torch.Tensor:
+        """The predicted candidate per image: the final survivor of lowest error."""
+        return furthest_argmin(self.errors, self.draws)
+
+
+def furthest_argmin(errors: torch.Tensor, draws: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of ``errors`` [B, K], the index of the lowest error among the candidates scored at the most
+    draws (``draws`` [B, K]; None: all alike, a plain argmin). After successive elimination these are the
+    last stage's survivors, whose errors are means over the same draws; a candidate pruned early is never
+    chosen over them, however low its mean over fewer draws."""
+    if draws is None:
+        return errors.argmin(-1)
+    furthest = draws == draws.max(-1, keepdim=True).values
+    return torch.where(furthest, errors, torch.full_like(errors, math.inf)).argmin(-1)
+
+
+def elimination_schedule(stages, eval_timesteps: int) -> Schedule:
+    """``stages`` ``((n_1, keep_1), ...)`` checked against ``eval_timesteps``: draws in total after each
+    stage, strictly increasing within ``1..eval_timesteps``; candidates kept per image, ``>= 1`` (a keep at
+    least the number of candidates prunes nothing). The draws left after the last stage go to its survivors.
+    A bad schedule is a one-line UserInputError."""
+    out = tuple((int(n), int(keep)) for n, keep in stages)
+    if not out:
+        raise UserInputError("DC elimination schedule is empty; give stages like 2:8,4:3 (draws:keep)")
+    previous = 0
+    for n, keep in out:
+        if not previous < n <= eval_timesteps:
+            raise UserInputError(f"DC elimination stage {n}:{keep}: draws must increase from stage to stage and "
+                                 f"stay within eval_timesteps={eval_timesteps}")
+        if keep < 1:
+            raise UserInputError(f"DC elimination stage {n}:{keep}: keep at least 1 candidate")
+        previous = n
+    return out
+
+
+def parse_elimination(text: str | None) -> Schedule | None:
+    """An elimination schedule from its command-line form ``"2:8,4:3"`` (draws:keep per stage); empty, None
+    or ``"none"`` is None (the full evaluation). The draws are checked against eval_timesteps by
+    :func:`elimination_schedule` when the schedule is used."""
+    if text is None or text.strip().lower() in ("", "none", "off"):
+        return None
+    stages = []
+    for part in text.split(","):
+        pieces = part.strip().split(":")
+        if len(pieces) != 2 or not all(p.strip().isdigit() for p in pieces):
+            raise UserInputError(f"DC elimination {text!r}: each stage is DRAWS:KEEP (e.g. 2:8,4:3), got {part!r}")
+        stages.append((int(pieces[0]), int(pieces[1])))
+    return tuple(stages)
+
+
+def draw_order(n: int) -> list[int]:
+    """The order in which successive elimination visits the ``n`` stratified draws: by the bit-reversed
+    (van der Corput) index, so every prefix spreads over the timestep range (n=8: 0, 4, 2, 6, 1, 5, 3, 7)
+    rather than starting with the lowest-noise strata."""
+    bits = max(1, (n - 1).bit_length())
+    return sorted(range(n), key=lambda j: int(format(j, f"0{bits}b")[::-1], 2))
+
+
+def _ordered_mean(per_draw: torch.Tensor) -> torch.Tensor:
+    """Mean over the first dim of ``per_draw`` [n, B, K] ignoring NaN (not scored), summed in draw order as
+    :meth:`DiffusionClassifier.eval_errors` sums (so all-scored columns match it bit for bit)."""
+    total = torch.zeros(per_draw.shape[1:], device=per_draw.device)
+    count = torch.zeros(per_draw.shape[1:], device=per_draw.device)
+    for e in per_draw:
+        scored = ~e.isnan()
+        total += torch.where(scored, e, torch.zeros_like(e))
+        count += scored
+    return total / count
+
+
+def _shared(cond: Cond) -> bool:
+    """Candidates shared by all images (``[K, L, D]``) rather than per image (``[B, K, L, D]``)."""
+    hidden = cond.hidden if isinstance(cond, Conditioning) else cond
+    return hidden.dim() == 3
 
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")

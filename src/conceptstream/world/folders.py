@@ -8,8 +8,11 @@ from conceptstream.concepts.folder import ConceptFolder, read_concept, write_con
 
 
 def export_sequence(concepts, root: Path, train_views: int = 12, eval_views: int = 12, seed: int = 0,
-                    renderer=None, progress: bool = False) -> list[ConceptFolder]:
-    """Render world concepts into the concept folder format."""
+                    renderer=None, progress: bool = False, val_views: int = 0) -> list[ConceptFolder]:
+    """Render world concepts into the concept folder format: ``train_views`` views into ``train/``,
+    ``val_views`` into ``val/`` (validation) and ``eval_views`` into ``eval/`` (test), each split from
+    its own render stream, so the three never share a view and a split's views do not depend on how
+    many views the other splits have."""
     from tqdm.auto import tqdm
 
     from conceptstream.world.render import TabletopRenderer
@@ -17,11 +20,12 @@ def export_sequence(concepts, root: Path, train_views: int = 12, eval_views: int
     renderer = renderer or TabletopRenderer(64)
     root = Path(root)
     folders = []
-    total = len(concepts) * (train_views + eval_views)
+    splits = (("train", train_views), ("val", val_views), ("eval", eval_views))
+    total = len(concepts) * sum(n for _, n in splits)
     with tqdm(total=total, desc=f"export to {root}", disable=not progress) as bar:
         for concept in concepts:
             folder = write_concept(root / concept.name, concept.token, concept.noun)
-            for split, n in (("train", train_views), ("eval", eval_views)):
+            for split, n in splits:
                 for i in range(n):
                     renderer.render_concept(concept, split, i, seed).image.save(folder / split / f"{i:03d}.png")
                     bar.update()
@@ -57,10 +61,12 @@ def export_classes(root: Path, per_class: int, seed: int = 1, renderer=None, pro
     return out
 
 
-def _export_named(name: str, root: Path, train_views: int, eval_views: int, n_concepts: int, progress: bool) -> None:
+def _export_named(name: str, root: Path, train_views: int, eval_views: int, n_concepts: int, progress: bool,
+                  val_views: int) -> None:
     from conceptstream.world.catalogue import get_sequence
 
-    export_sequence(list(get_sequence(name))[:n_concepts], root, train_views, eval_views, seed=0, progress=progress)
+    export_sequence(list(get_sequence(name))[:n_concepts], root, train_views, eval_views, seed=0, progress=progress,
+                    val_views=val_views)
 
 
 def _sequence_source():

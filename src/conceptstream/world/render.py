@@ -29,6 +29,8 @@ from conceptstream.world.catalogue import (
 )
 
 RENDER_OVERSAMPLE = 2  # render at 2x then downsample with a Lanczos filter (anti-aliased edges)
+# The view streams of a personal concept, named as the concept folder's sub-folders ('eval' = test).
+CONCEPT_SPLITS: tuple[str, ...] = ("train", "val", "eval")
 
 
 @dataclass(frozen=True)
@@ -294,9 +296,11 @@ class TabletopRenderer:
         return Render(image, " ".join(words), cls.noun)
 
     def render_concept(self, concept: Concept, split: str, index: int, seed: int = 0) -> Render:
-        """A view of a personal concept; ``split`` ('train' or 'eval') draws from disjoint streams."""
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        """A view of a personal concept. ``split`` is ``'train'``, ``'val'`` or ``'eval'`` (the test
+        views): each draws from its own random stream, keyed by the split's name, so the three are
+        disjoint and adding ``'val'`` left every train and eval view unchanged."""
+        if split not in CONCEPT_SPLITS:
+            raise ValueError(f"split must be one of {', '.join(map(repr, CONCEPT_SPLITS))}, got {split!r}")
         rng = stable_rng("concept", seed, concept.name, split, index)
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
         image = self._draw(concept.object_class, rng, None, background,

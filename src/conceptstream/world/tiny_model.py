@@ -123,6 +123,25 @@ def vae_config(latent_channels: int = 4, downsample: int = 4) -> dict:
             "down_block_types": ("DownEncoderBlock2D",) * len(blocks), "up_block_types": ("UpDecoderBlock2D",) * len(blocks)}
 
 
+def unet_config(latent_channels: int = 4, vae_downsample: int = 4) -> dict:
+    """The UNet2DConditionModel config for latents of ``latent_channels`` x (64 / ``vae_downsample``)^2.
+
+    16x16 latents (downsample 4): the bundled model's three blocks (64, 96, 96), attention at 8x8 and
+    4x4. 32x32 latents (downsample 2): a cheap convolution-only block of 32 channels in front, so the
+    attention blocks run at the same 8x8 and 4x4 as before. Measured on one CPU thread (batch 16,
+    forward + backward): 0.42 s at 16x16; 1.69 s for the same three blocks at 32x32 (attention at
+    16x16); 0.59 s with the extra block (3.95M parameters against 4.03M)."""
+    if vae_downsample not in VAE_DOWNSAMPLES:
+        raise ValueError(f"VAE downsampling must be one of {VAE_DOWNSAMPLES}, got {vae_downsample}")
+    cfg = {**UNET_CONFIG, "in_channels": latent_channels, "out_channels": latent_channels,
+           "sample_size": IMAGE_SIZE // vae_downsample}
+    if vae_downsample == 2:
+        cfg.update(block_out_channels=(32, *UNET_CONFIG["block_out_channels"]),
+                   down_block_types=("DownBlock2D", *UNET_CONFIG["down_block_types"]),
+                   up_block_types=(*UNET_CONFIG["up_block_types"], "UpBlock2D"))
+    return cfg
+
+
 def build_vae(latent_channels: int = 4, downsample: int = 4):
     from diffusers import AutoencoderKL
 
@@ -142,8 +161,7 @@ def build_components(seed: int = 0, latent_channels: int = 4, vae_downsample: in
     torch.manual_seed(seed)
     return dict(
         vae=build_vae(latent_channels, vae_downsample),
-        unet=UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": latent_channels, "out_channels": latent_channels,
-                                     "sample_size": IMAGE_SIZE // vae_downsample}),
+        unet=UNet2DConditionModel(**unet_config(latent_channels, vae_downsample)),
         text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
         tokenizer=build_clip_tokenizer(),
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG),

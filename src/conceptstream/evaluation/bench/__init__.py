@@ -25,10 +25,15 @@ interrupted inside ``learn`` continues from its in-task checkpoint). Deleting a
 run's ``result.json`` re-finalises it from its saved progress; deleting its folder recomputes it.
 A run folder made with other settings (steps, model, data, ...) is refused rather than mixed in.
 
+Over machines: ``bench --shard K/N --out OUT_K`` runs the K-th of N slices of the runs (a SLURM
+array, several GPUs or hosts); ``bench --merge OUT_1 ... OUT_N --out OUT`` combines the shards into
+one ``results.json`` and report, refusing shards made under other settings.
+
 Modules: :mod:`~.options` (every setting, declared once), :mod:`~.settings` (arguments -> checked
 settings), :mod:`~.data` (the concepts), :mod:`~.scoring` (metrics and DC classification of one
 stream), :mod:`~.run` (one resumable run), :mod:`~.runner` (all runs, ``run_bench``),
-:mod:`~.results` (result documents). Method variants: :mod:`conceptstream.evaluation.variants`.
+:mod:`~.results` (result documents), :mod:`~.merge` (``--shard K/N`` slices over machines and
+``merge_bench``). Method variants: :mod:`conceptstream.evaluation.variants`.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ _EXPORTS = {
     "BENCH_OPTIONS": "options", "DEFAULT_CONTEXTS": "options", "DEFAULT_METHODS": "options", "QUICK_HPARAMS": "options",
     "FORMAT_VERSION": "results", "METRICS": "results", "RESULTS_FORMAT": "results", "clean_json": "results",
     "format_summary": "results", "run_summary": "results",
+    "merge_bench": "merge", "shard_slice": "merge",
     "BenchRun": "run",
     "Bench": "runner", "run_bench": "runner",
     "Evaluator": "scoring", "dc_classification": "scoring", "hstack": "scoring",

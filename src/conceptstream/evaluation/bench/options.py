@@ -59,9 +59,17 @@ BENCH_OPTIONS: tuple[Option, ...] = (
            check="data", minimum=1),
     Option("eval_views", "held-out views per concept of a named sequence", default=12, quick=3, flag=None,
            check="data", minimum=2),
+    Option("val_views", "validation views per concept of a named sequence (its val/ folder)", default=12, quick=3,
+           flag=None, check="data", minimum=2),
+    Option("split", "held-out views the bench scores against: val for tuning and sweeps, test for published "
+           "tables", default="test", choices=("val", "test"), check="run", omit_default=True),
     Option("max_concepts", "use only the first N concepts", quick=2, type=int, metavar="N", check="data", minimum=1),
     Option("dc_eval_timesteps", "noise draws per held-out image of the final DC classification", default=8, quick=2,
            flag=None, check="run", minimum=1),
+    Option("dc_elimination", "final DC classification by successive elimination, DRAWS:KEEP per stage (e.g. 2:8,4:3: "
+           "every candidate at 2 noise draws, the best 8 per image rescored up to 4, the best 3 at all the rest); "
+           "none = every candidate at every draw", shown_default="none", metavar="SCHEDULE", check="run",
+           omit_default=True),
     Option("dc_batch_size", "held-out images per UNet call of the DC classification", default=4, flag=None,
            minimum=1),
     Option("multi_pairs", "multi-concept sample pairs after the last task", default=2, quick=1, flag=None,
@@ -72,6 +80,9 @@ BENCH_OPTIONS: tuple[Option, ...] = (
     Option("keep_going", "stop at the first failing run instead of recording it and going on", default=True,
            flag="--stop-on-error", action="store_false"),
     Option("progress", "progress bars", default=True, flag=None),
+    Option("shard", "run only the K-th of N contiguous slices of the seed-major (method x seed) run list, "
+           "1 <= K <= N (0-based SLURM array: --shard $((SLURM_ARRAY_TASK_ID + 1))/N); give each shard its own "
+           "--out, then combine them with --merge", metavar="K/N"),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in BENCH_OPTIONS}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,12 @@ SUMMARY_KEYS = {
     "forgetting_MMD": "mean_{i<N} (M[N][i] - min_{n<N} M[n][i]); > 0 = forgetting",
     "plasticity_MMD": "mean_i M[i][i]", "KID": "mean_i M_KID[N][i]",
     "I2I": "mean_i M_I2I[N][i]", "T2I": "mean_i M_T2I[N][i] (null without CLIP)",
-    "DC_acc": "DC accuracy of held-out real images after the last task",
+    "DC_acc": "DC accuracy of held-out real images after the last task, among one fixed candidate set for every "
+              "image: every concept's prompt + the class prompt 'a photo of a NOUN' of every distinct noun",
+    "DC_acc_own_class": "DC accuracy of the same images among c_0 of the image's own class + every concept (the "
+                        "original protocol); favours methods trained against c_0",
     "DC_ECE": "expected calibration error (10 bins) of the DC posterior softmax(-errors / "
-              "dc_temperature) on the same images; 0 = confidence matches accuracy",
+              "dc_temperature) over the fixed candidate set on the same images; 0 = confidence matches accuracy",
     "learn_seconds": "training time of the whole stream"}
 
 # Per-task fields of a run that results.json keeps (the scores are in the matrices).
@@ -76,15 +79,18 @@ def matrix_from_rows(rows: list[list[float | None]], n_tasks: int):
 
 
 def run_summary(matrices: Mapping[str, Any], dc_acc: float | None, tasks: list[dict],
-                dc_ece: float | None = None) -> dict[str, float | None]:
-    """The headline numbers of one run (the keys of results.json's ``summary``)."""
-    mmd = matrices["MMD"].summary(higher_is_better=False)
+                dc_ece: float | None = None, dc_acc_own_class: float | None = None,
+                summarize: Callable[[Any, bool], dict[str, float]] | None = None) -> dict[str, float | None]:
+    """The headline numbers of one run (the keys of results.json's ``summary``, see ``SUMMARY_KEYS``):
+    ``dc_acc`` and ``dc_ece`` over the fixed DC candidate set, ``dc_acc_own_class`` over c_0 + concepts."""
+    summarize = summarize or (lambda m, higher: m.summary(higher))  # a bound's run passes a partial summary
+    mmd = summarize(matrices["MMD"], False)
     out = {"A_MMD": mmd["final_average"], "BwT_MMD": mmd["backward_transfer"],
            "forgetting_MMD": mmd["forgetting"], "plasticity_MMD": mmd["plasticity"],
-           "KID": matrices["KID"].summary(False)["final_average"],
-           "I2I": matrices["I2I"].summary(True)["final_average"],
-           "T2I": matrices["T2I"].summary(True)["final_average"] if matrices.get("T2I") is not None else None,
-           "DC_acc": dc_acc, "DC_ECE": dc_ece,
+           "KID": summarize(matrices["KID"], False)["final_average"],
+           "I2I": summarize(matrices["I2I"], True)["final_average"],
+           "T2I": summarize(matrices["T2I"], True)["final_average"] if matrices.get("T2I") is not None else None,
+           "DC_acc": dc_acc, "DC_acc_own_class": dc_acc_own_class, "DC_ECE": dc_ece,
            "learn_seconds": sum(t.get("learn_seconds") or 0.0 for t in tasks)}
     return clean_json(out)
 
@@ -124,7 +130,7 @@ def compile_results(ctx, variants: Sequence, n_runs: int, results: Mapping[tuple
             slim[str(k)] = {key: r[key] for key in r if key not in ("tasks",)}
             slim[str(k)]["tasks"] = [{key: t.get(key) for key in TASK_FIELDS} for t in r["tasks"]]
             slim[str(k)]["run_dir"] = f"runs/{v.dirname}/seed{k}"
-        runs[v.label] = {"method": v.method, "adapter": v.adapter, "sweep": dict(v.hparams),
+        runs[v.label] = {"method": v.method, "adapter": v.adapter, "bound": v.bound, "sweep": dict(v.hparams),
                          "dir": f"runs/{v.dirname}", "seeds": slim,
                          "mean_matrices": mean_matrices([r["matrices"] for r in per_seed.values()])}
         summary[v.label] = aggregate_over_seeds([r["summary"] for r in per_seed.values()]) if per_seed else {}
@@ -134,9 +140,11 @@ def compile_results(ctx, variants: Sequence, n_runs: int, results: Mapping[tuple
         "complete": len(results) == n_runs and not failed,
         "wall_seconds": round(wall, 3),
         "settings": {
-            "sequence": s.sequence, "named_sequence": data.named, "data": relative_data_path(data.root, s.out),
+            "sequence": s.sequence, "split": s.split, "named_sequence": data.named,
+            "data": relative_data_path(data.root, s.out),
             "data_fingerprint": data.fingerprint,
             "concepts": [{"name": c.name, "token": c.token, "noun": c.noun, "train_images": len(c.train_images()),
+                          "val_images": len(c.val_images()),
                           "eval_images": len(c.eval_images())} for c in data.concepts],
             "methods": [v.label for v in variants], "adapter": s.adapter, "rank": s.rank,
             "targets": s.targets, "seeds": s.seeds, "steps": s.steps, "quick": s.quick, "sweep": s.sweep,
@@ -146,7 +154,11 @@ def compile_results(ctx, variants: Sequence, n_runs: int, results: Mapping[tuple
             "features": {"spec": s.features if isinstance(s.features, str) else extractor.name,
                          "name": extractor.name, "dim": extractor.dim},
             "dc_eval": {"eval_timesteps": s.dc_eval_timesteps, "batch_size": s.dc_batch_size,
-                        "candidates": "c_0 (a photo of a NOUN) + every learned concept",
+                        "elimination": s.dc_elimination,
+                        "candidates": "one fixed set for every image, every concept's prompt + the class prompt "
+                                      "(a photo of a NOUN) of every distinct noun (DC_acc, DC_ECE); and, from the "
+                                      "same errors, c_0 of the image's own class + every concept "
+                                      "(DC_acc_own_class, favours methods trained against c_0)",
                         "latents": "VAE posterior mean of each held-out image"},
             "multi_pairs": s.multi_pairs, "eval_every": s.eval_every,
             "train_views": s.train_views if data.named else None,

@@ -108,6 +108,14 @@ class BenchRun:
         every = self.ctx.settings.eval_every
         return every <= 1 or (n + 1) % every == 0 or n == n_tasks - 1
 
+    def state_for(self, n: int) -> Path:
+        """The state that learns task ``n`` and is scored after it (one state for a continual run)."""
+        return self.state
+
+    def creates_state(self, n: int) -> bool:
+        """Whether task ``n`` starts a new state (its adapter, rank, targets and method settings are set then)."""
+        return n == 0
+
     # -- saved progress -----------------------------------------------------------------------
     def finished(self) -> dict[str, Any] | None:
         """The saved result of a finished run (checked against the current config), else None."""
@@ -182,9 +190,9 @@ class BenchRun:
         from conceptstream.safeio import write_json_atomic
 
         s, c = self.ctx.settings, self.ctx.data.concepts[n]
-        first = n == 0
+        first = self.creates_state(n)
         t0 = time.time()
-        report = api.learn(self.state, c.path, method=self.variant.method, model=s.model, steps=s.steps,
+        report = api.learn(self.state_for(n), c.path, method=self.variant.method, model=s.model, steps=s.steps,
                            seed=learn_seed(self.seed, n), adapter=self.variant.adapter if first else None,
                            rank=s.rank if first else None, targets=s.targets if first else None,
                            hparams=(self.hparams() or None) if first else None,
@@ -209,7 +217,7 @@ class BenchRun:
             pending = {"task": n, "learn_seconds": None, "final_loss": None, "logs": None,
                        "note": "learned before an interruption; its training report was not recorded"}
         t0 = time.time()
-        stream = api.open_stream(self.state, model=s.model, device=s.device)
+        stream = api.open_stream(self.state_for(n), model=s.model, device=s.device)
         row: dict[str, list] = {k: [] for k in METRICS}
         samples: list[str | None] = []
         scored = set(range(n + 1)) if self.full_row(n, n_tasks) else {n}
@@ -239,48 +247,71 @@ class BenchRun:
 
     def _finish(self, progress: dict[str, Any], include_noun: bool) -> dict[str, Any]:
         """The final model's DC accuracy and multi-concept samples, the matrices and summaries; writes result.json."""
-        from conceptstream import api
         from conceptstream.safeio import write_json_atomic
 
-        ctx, s = self.ctx, self.ctx.settings
-        n_tasks = len(ctx.data.concepts)
         t0 = time.time()
-        stream = api.open_stream(self.state, model=s.model, device=s.device)
-        dc = ctx.evaluator.dc_accuracy(stream, include_noun)
-        multi = self._multi_samples(stream, include_noun)
+        dc, multi = self._final_evaluation(include_noun)
         final_seconds = time.time() - t0
-        del stream
         tasks = progress["tasks"]
-        rows = {k: [t["scores"][k] for t in tasks] for k in METRICS}
-        matrices = {k: matrix_from_rows(rows[k], n_tasks) for k in ("MMD", "KID", "I2I")}
-        matrices["T2I"] = matrix_from_rows(rows["T2I"], n_tasks) if ctx.evaluator.t2i_available else None
-        info = api.info(self.state)
+        matrices = self._matrices(tasks)
         result = clean_json({
             "format": RESULTS_FORMAT + "-run", "format_version": FORMAT_VERSION, "status": "complete",
-            "label": self.variant.label, "method": self.variant.method, "adapter": info["method"].get("adapter"),
-            "seed": self.seed, "config": progress["config"], "hparams": info["method"].get("hyperparameters", {}),
-            "state_growth": info["method"].get("state_growth"), "state": self.rel(self.state),
-            "state_bytes": info["size_bytes"], "started_at": progress.get("started_at"), "finished_at": utc_now(),
+            "label": self.variant.label, "method": self.variant.method, "bound": self.variant.bound,
+            "seed": self.seed, "config": progress["config"], **self._state_record(),
+            "started_at": progress.get("started_at"), "finished_at": utc_now(),
             "wall_seconds": sum((t.get("learn_seconds") or 0) + t["eval_seconds"] for t in tasks) + final_seconds,
             "final_eval_seconds": round(final_seconds, 3),
             "matrices": {k: (m.to_list() if m is not None else None) for k, m in matrices.items()},
-            "summaries": {k: (m.summary(METRICS[k]["higher_is_better"]) if m is not None else None)
+            "summaries": {k: (self._summarize(m, METRICS[k]["higher_is_better"]) if m is not None else None)
                           for k, m in matrices.items()},
-            "t2i": {"available": ctx.evaluator.t2i_available, "reason": ctx.evaluator.t2i_reason},
-            "dc": dc, "summary": run_summary(matrices, dc["accuracy"], tasks, dc["calibration"]["ece"]),
+            "t2i": {"available": self.ctx.evaluator.t2i_available, "reason": self.ctx.evaluator.t2i_reason},
+            "dc": dc, "summary": run_summary(matrices, dc["accuracy"], tasks, dc["calibration"]["ece"],
+                                             dc_acc_own_class=(dc.get("own_class") or {}).get("accuracy"),
+                                             summarize=self._summarize),
             "tasks": [dict(t) for t in tasks], "multi": multi,
             "memory": memory_usage(),
         })
         write_json_atomic(self.result_path, result)
         return result
 
+    def _final_evaluation(self, include_noun: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The DC classification of the held-out images and the multi-concept samples of the final model."""
+        from conceptstream import api
+
+        s = self.ctx.settings
+        stream = api.open_stream(self.state, model=s.model, device=s.device)
+        dc = self.ctx.evaluator.dc_accuracy(stream, include_noun)
+        return dc, self._multi_samples(stream, include_noun)
+
+    def _matrices(self, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+        """The continual matrices of every metric from the saved rows (T2I None without CLIP)."""
+        n_tasks = len(self.ctx.data.concepts)
+        rows = {k: [t["scores"][k] for t in tasks] for k in METRICS}
+        matrices = {k: matrix_from_rows(rows[k], n_tasks) for k in ("MMD", "KID", "I2I")}
+        matrices["T2I"] = matrix_from_rows(rows["T2I"], n_tasks) if self.ctx.evaluator.t2i_available else None
+        return matrices
+
+    @staticmethod
+    def _summarize(matrix, higher_is_better: bool) -> dict[str, float]:
+        return matrix.summary(higher_is_better)
+
+    def _state_record(self) -> dict[str, Any]:
+        """What result.json says about the trained state(s): adapter, settings, growth, path, size."""
+        from conceptstream import api
+
+        info = api.info(self.state)
+        return {"adapter": info["method"].get("adapter"), "hparams": info["method"].get("hyperparameters", {}),
+                "state_growth": info["method"].get("state_growth"), "state": self.rel(self.state),
+                "state_bytes": info["size_bytes"]}
+
     def _checkpoint_action(self, n: int) -> dict[str, bool]:
         """Continue task ``n`` from the state's in-task checkpoint if it is that task's; else drop it."""
         from conceptstream.state import StateStore
 
-        if not self.state.exists():
+        state = self.state_for(n)
+        if not state.exists():
             return {}
-        checkpoint = StateStore(self.state).load_checkpoint()
+        checkpoint = StateStore(state).load_checkpoint()
         if checkpoint is None:
             return {}
         info = checkpoint[1]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from conceptstream.evaluation.bench.data import BenchData
@@ -28,7 +29,7 @@ class Evaluator:
         from conceptstream.concepts.images import load_image
 
         if i not in self._real:
-            images = [load_image(p) for p in self.data.concepts[i].eval_images()]
+            images = [load_image(p) for p in self.data.heldout_images(i)]
             self._real[i] = self.extractor(images)
         return self._real[i]
 
@@ -76,54 +77,152 @@ class Evaluator:
         return scores, first
 
     def dc_accuracy(self, stream, include_noun: bool) -> dict[str, Any]:
-        """DC classification of every concept's real held-out images among c_0 + all learned concepts."""
+        """DC classification of every concept's real held-out images of the bench's split
+        (:func:`dc_classification`): among the fixed candidate set (``accuracy``) and among c_0 + all learned
+        concepts (``own_class``); by successive elimination when ``--dc-elimination`` is given."""
+        from conceptstream.scoring.dc import parse_elimination
+
         return dc_classification(stream, self.data.concepts, include_noun, self.s.dc_eval_timesteps,
-                                 self.s.dc_batch_size, progress=self.s.progress)
+                                 self.s.dc_batch_size, progress=self.s.progress,
+                                 elimination=parse_elimination(self.s.dc_elimination), split=self.data.split)
+
+
+FIXED_CANDIDATES = ("every concept's prompt + the class prompt `a photo of a NOUN` of every distinct noun, the same "
+                    "for every image")
+OWN_CLASS_CANDIDATES = ("c_0 (`a photo of a NOUN` of the image's own class) + every concept's prompt; favours methods "
+                        "trained against c_0")
+
+
+@dataclass(frozen=True)
+class DCCandidates:
+    """The fixed DC candidate set of a sequence: every concept's prompt (columns ``0..N-1``, concept ``i`` at
+    ``i``), then the class prompt of every distinct noun in order of first appearance (columns ``N..``).
+
+    The own-class set of concept ``i`` (the original protocol: c_0 of the image's own class + every concept)
+    is the column subset :meth:`own_class_columns`, so one error matrix over the fixed set gives both."""
+
+    prompts: tuple[str, ...]
+    labels: tuple[str, ...]
+    n_concepts: int
+    class_column: tuple[int, ...]  # per concept: the column of its noun's class prompt
+
+    @classmethod
+    def of(cls, concepts: Sequence, include_noun: bool) -> DCCandidates:
+        from conceptstream.methods.base import TaskContext
+
+        nouns = list(dict.fromkeys(c.noun for c in concepts))
+        n = len(concepts)
+        return cls(prompts=tuple([Evaluator.concept_prompt(c, include_noun) for c in concepts]
+                                 + [TaskContext.class_prompt(noun) for noun in nouns]),
+                   labels=tuple([c.token for c in concepts] + [TaskContext.class_prompt(noun) for noun in nouns]),
+                   n_concepts=n, class_column=tuple(n + nouns.index(c.noun) for c in concepts))
+
+    def own_class_columns(self, i: int) -> list[int]:
+        """Columns of concept ``i``'s own-class set, in the original order: its c_0, then concepts 0..N-1
+        (so concept ``j`` is at ``j + 1``)."""
+        return [self.class_column[i], *range(self.n_concepts)]
+
+
+def dc_scores(errors: Sequence, candidates: DCCandidates, temperature: float,
+              draws: Sequence | None = None) -> dict[str, Any]:
+    """Accuracy, per-concept accuracy, confusion and calibration of DC errors, over the fixed candidate set
+    and (``own_class``) over each image's own-class set, from ONE error matrix per concept.
+
+    ``errors[i]`` [n_i, K] holds concept ``i``'s images' errors under the fixed candidates (``candidates``).
+    ``draws[i]`` [n_i, K] (successive elimination; None: every candidate scored at the same draws) says how
+    many draws each error averages: a prediction is the lowest error among the candidates of its set that
+    were scored furthest (:func:`~conceptstream.scoring.dc.furthest_argmin`), and the calibrated posterior
+    ``softmax(-errors / temperature)`` covers those candidates only (the others get probability 0).
+    An image is correct when its own concept's prompt wins. Confusion rows count predictions per candidate
+    of the set (fixed: ``candidates.labels``; own class: c_0, then the concepts)."""
+    import torch
+
+    from conceptstream.evaluation.metrics import DCAccuracy, DCCalibration
+    from conceptstream.scoring.dc import furthest_argmin
+
+    n, k = candidates.n_concepts, len(candidates.prompts)
+
+    def form(columns_of, width: int) -> dict[str, Any]:
+        total, calibration = DCAccuracy(), DCCalibration(num_candidates=width)
+        per_concept, confusion = [], []
+        for i, err in enumerate(errors):
+            cols = columns_of(i)
+            e = err[:, cols]
+            d = draws[i][:, cols] if draws is not None else None
+            target = cols.index(i)
+            preds = furthest_argmin(e, d)
+            logits = -e / temperature
+            if d is not None:
+                logits = torch.where(d == d.max(-1, keepdim=True).values, logits, torch.full_like(logits, -math.inf))
+            total.update(preds, target)
+            calibration.update(torch.log_softmax(logits, -1), target)
+            per_concept.append(float((preds == target).float().mean()))
+            confusion.append(torch.bincount(preds, minlength=len(cols)).tolist())
+        cal = calibration.compute()
+        scale = cal["best_logit_scale"]
+        return {"accuracy": float(total.compute()), "per_concept": per_concept, "confusion": confusion,
+                "calibration": {**cal, "best_temperature": temperature / scale if scale is not None else None}}
+
+    fixed = form(lambda i: list(range(k)), k)
+    own = form(candidates.own_class_columns, n + 1)
+    return {**fixed, "candidates": list(candidates.labels), "candidate_set": FIXED_CANDIDATES,
+            "own_class": {**own, "candidates": ["c_0 (a photo of a NOUN)"] + list(candidates.labels[:n]),
+                          "candidate_set": OWN_CLASS_CANDIDATES}}
 
 
 def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_timesteps: int,
-                      batch_size: int, progress: bool = False) -> dict[str, Any]:
-    """Classify each concept's held-out images among c_0 + all ``concepts`` with ``stream``'s DC,
-    averaging ``eval_timesteps`` draws per image: accuracy, per-concept accuracy, confusion, and the
-    calibration of the DC posterior at the stream's temperature."""
+                      batch_size: int, progress: bool = False, elimination=None, split: str = "test"
+                      ) -> dict[str, Any]:
+    """Classify each concept's held-out images with ``stream``'s DC, averaging ``eval_timesteps`` draws per
+    image, among the fixed candidate set (:class:`DCCandidates`: every concept + the class prompt of every
+    noun; the headline ``accuracy``) and, from the same errors, among c_0 of the image's own class + every
+    concept (``own_class``, the original protocol). Each form has accuracy, per-concept accuracy, confusion
+    and the calibration of the DC posterior at the stream's temperature (:func:`dc_scores`).
+
+    ``elimination`` None scores every candidate at every draw. A schedule ``((n_1, keep_1), ...)`` (e.g.
+    ``((2, 8), (4, 3))``) classifies by successive elimination
+    (:meth:`~conceptstream.scoring.dc.DiffusionClassifier.eval_errors_eliminating`): all candidates at
+    ``n_1`` draws, the best ``keep_1`` per image rescored up to ``n_2`` draws, ..., the last survivors at
+    all ``eval_timesteps``. Its calibration is then that of the posterior over the last stage's survivors
+    (``calibration["kind"]``): a pruned own concept has probability 0, so NLL is infinite (null) and no
+    temperature is fitted. ``unet_evaluations`` counts the (image, candidate, draw) triples scored."""
     import torch
     from tqdm.auto import tqdm
 
     from conceptstream.concepts.images import load_images
-    from conceptstream.evaluation.metrics import DCAccuracy, DCCalibration
-    from conceptstream.methods.base import TaskContext
-    from conceptstream.models.conditioning import cat
-    from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
+    from conceptstream.scoring.dc import DCConfig, DiffusionClassifier, elimination_schedule
 
     pipe = stream.pipe
     cfg = DCConfig(**{**asdict(stream.settings.dc), "eval_timesteps": eval_timesteps})
     dc = DiffusionClassifier(pipe.unet, pipe.scheduler, cfg)
-
-    @torch.no_grad()
-    def encode(prompts: list[str]):  # hidden states [N, L, D]; SDXL: with pooled embeds and time ids
-        return stream.encode_prompts(prompts)
-
-    concept_embeds = encode([Evaluator.concept_prompt(c, include_noun) for c in concepts])
-    total = DCAccuracy()
-    calibration = DCCalibration(num_candidates=len(concepts) + 1)
-    per_concept, confusion = [], []
-    # one bar step per concept: on tabletop-50 this is 600 images x 51 candidates, minutes of silence otherwise
-    for i, c in enumerate(tqdm(concepts, desc="DC classification", disable=not progress, leave=False)):
-        cond = cat([encode([TaskContext.class_prompt(c.noun)]), concept_embeds])  # [1 + N, L, D]
-        latents, _ = stream.encode_images(load_images(c.eval_images(), stream.resolution))
-        errors = dc.eval_errors_batched(latents.to(stream.device), cond, seed=0, batch_size=batch_size).cpu()
-        preds = errors.argmin(-1)
-        target = i + 1
-        total.update(preds, target)
-        calibration.update(dc.log_probs(errors), target)
-        per_concept.append(float((preds == target).float().mean()))
-        confusion.append(torch.bincount(preds, minlength=len(concepts) + 1).tolist())
-    cal = calibration.compute()
-    return {"accuracy": float(total.compute()), "per_concept": per_concept, "confusion": confusion,
-            "calibration": {**cal, "best_temperature": cfg.temperature / cal["best_logit_scale"]},
-            "candidates": ["c_0 (a photo of a NOUN)"] + [c.token for c in concepts],
-            "images": [len(c.eval_images()) for c in concepts],
-            "eval_timesteps": eval_timesteps, "dc": asdict(cfg)}
+    schedule = elimination_schedule(elimination, eval_timesteps) if elimination is not None else None
+    candidates = DCCandidates.of(concepts, include_noun)
+    with torch.no_grad():  # hidden states [K, L, D]; SDXL: with pooled embeds and time ids
+        cond = stream.encode_prompts(list(candidates.prompts))
+    errors, draws, counts, evaluations = [], [], [], 0
+    # one bar step per concept: on tabletop-50 this is 600 images x 60 candidates, minutes of silence otherwise
+    for c in tqdm(concepts, desc="DC classification", disable=not progress, leave=False):
+        images = c.heldout_images(split)  # "test": eval/, "val": val/
+        counts.append(len(images))
+        latents, _ = stream.encode_images(load_images(images, stream.resolution))
+        latents = latents.to(stream.device)
+        if schedule is None:
+            errors.append(dc.eval_errors_batched(latents, cond, seed=0, batch_size=batch_size).cpu())
+            evaluations += latents.shape[0] * len(candidates.prompts) * eval_timesteps
+        else:
+            found = dc.eval_errors_eliminating(latents, cond, schedule, seed=0, batch_size=batch_size)
+            errors.append(found.errors.cpu())
+            draws.append(found.draws.cpu())
+            evaluations += found.unet_evaluations
+    out = dc_scores(errors, candidates, cfg.temperature, draws if schedule is not None else None)
+    kind = ("all candidates" if schedule is None else
+            "final-stage survivors: softmax over the set's candidates scored at the most draws (the last "
+            "stage's survivors), the pruned ones at probability 0")
+    out["calibration"]["kind"] = out["own_class"]["calibration"]["kind"] = kind
+    full = sum(counts) * len(candidates.prompts) * eval_timesteps
+    return {**out, "images": counts, "eval_timesteps": eval_timesteps, "dc": asdict(cfg),
+            "elimination": None if schedule is None else [list(stage) for stage in schedule],
+            "unet_evaluations": evaluations, "unet_evaluations_full": full}
 
 
 def hstack(images: Sequence) -> Any:

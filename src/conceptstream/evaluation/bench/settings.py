@@ -2,7 +2,8 @@
 
 :func:`resolve_settings` turns what a caller gave (CLI strings or Python values, ``None`` for "not
 given") into checked settings: ``--quick`` values where an option was not given, method lists and
-``--sweep``/``--set`` parsed, seeds as a list, and every user error raised before any work starts.
+``--sweep``/``--set`` parsed, seeds as a list, and every user error raised before any work starts
+(a user's sequence folder without the held-out views of ``--split`` included).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from conceptstream.errors import UserInputError
+from conceptstream.evaluation.bench.data import check_sequence_folder
 from conceptstream.evaluation.bench.options import (
     BENCH_OPTIONS,
     DEFAULT_METHODS,
@@ -55,10 +57,18 @@ def resolve_settings(out: str | Path, given: Mapping[str, Any]) -> Any:
     values["model"] = str(values["model"])
     values["sequence"] = str(values["sequence"])
     values["contexts"] = tuple(values["contexts"])
-    for name in ("steps", "images_per_prompt", "ddim_steps", "gen_seed", "train_views", "eval_views",
+    for name in ("steps", "images_per_prompt", "ddim_steps", "gen_seed", "train_views", "val_views", "eval_views",
                  "dc_eval_timesteps", "dc_batch_size", "multi_pairs", "eval_every"):
         values[name] = int(values[name])
     values["guidance"] = float(values["guidance"])
+    values["shard"] = parse_shard(values["shard"])
+    if values["dc_elimination"] is not None:  # checked now, used after the last task
+        from conceptstream.scoring.dc import elimination_schedule, parse_elimination
+
+        stages = parse_elimination(str(values["dc_elimination"]))
+        if stages is not None:
+            elimination_schedule(stages, values["dc_eval_timesteps"])
+        values["dc_elimination"] = ",".join(f"{n}:{k}" for n, k in stages) if stages else None
     settings = BenchSettings(out=Path(out), **values)
     _validate(settings)
     return settings
@@ -99,11 +109,38 @@ def _seeds(value: int | Sequence[int]) -> list[int]:
     return seeds
 
 
+SHARD_FORM = ("K/N with 1 <= K <= N, e.g. --shard 1/4 (from a 0-based SLURM array: "
+              "--shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT)")
+
+
+def parse_shard(value: str | Sequence[int] | None) -> tuple[int, int] | None:
+    """``--shard K/N`` (text, or a ``(K, N)`` pair) as ``(K, N)``, 1-based; None: not sharded."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = value.replace(" ", "").split("/")
+    elif isinstance(value, (tuple, list)):
+        parts = [str(v) for v in value]
+    else:
+        parts = [str(value)]
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        index, count = (int(p) for p in parts)
+    except ValueError:
+        index = count = 0
+    if not 1 <= index <= count:
+        raise UserInputError(f"--shard takes {SHARD_FORM}, got {value!r}")
+    return index, count
+
+
 def _check_known(methods: Sequence[str], fixed: Mapping[str, Any], sweep: Mapping[str, Any]) -> None:
     """A user-given setting that no selected method has is a typo; say so (quick defaults may go unused).
     Every value is checked against the setting's type and range in each method that has it."""
+    from conceptstream.evaluation.variants import BOUND_METHOD, BOUNDS
     from conceptstream.methods.registry import get_method, validate_settings
 
+    methods = list(dict.fromkeys(BOUND_METHOD if m in BOUNDS else m for m in methods))  # a bound trains as lora
     known: set[str] = set()
     for m in methods:
         known |= set(get_method(m).all_defaults())
@@ -134,3 +171,7 @@ def _validate(s: Any) -> None:
     if per_concept < 2:
         raise UserInputError("the bench needs at least 2 generated images per concept for MMD/KID; "
                              "raise --images-per-prompt")
+    split = OPTIONS_BY_NAME["split"]
+    if s.split not in split.choices:
+        raise UserInputError(f"{split.label} must be one of {', '.join(split.choices)}, got {s.split!r}")
+    check_sequence_folder(s.sequence, s.split, s.max_concepts)

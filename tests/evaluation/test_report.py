@@ -1,0 +1,101 @@
+"""The report's tables over seeds: mean ± the 95% t-interval half-width, and paired differences with
+their interval and a "separated" verdict that holds only when the interval excludes 0."""
+
+from __future__ import annotations
+
+import math
+
+from conceptstream.evaluation.matrices import aggregate_over_seeds
+from conceptstream.evaluation.report import paired_note, paired_table, summary_table, write_report
+
+
+def summary(a: float, bwt: float, acc: float = 0.5) -> dict:
+    return {"A_MMD": a, "BwT_MMD": bwt, "plasticity_MMD": a, "DC_acc": acc}
+
+
+def results(runs: dict[str, list[dict]]) -> dict:
+    """A results document with just what the tables read: per-seed summaries and their aggregates."""
+    return {"runs": {lb: {"seeds": {str(k): {"summary": s} for k, s in enumerate(seeds)}} for lb, seeds in runs.items()},
+            "summary": {lb: aggregate_over_seeds(seeds) for lb, seeds in runs.items()}}
+
+
+# five seeds: ewc-dc's A_MMD is 4..6 below lora's on every seed although both spread by 40 over seeds
+LORA = [summary(300.0 + 10 * k, -20.0 - k) for k in range(5)]
+EWC = [summary(300.0 + 10 * k + d, -20.0 - k + b) for k, (d, b) in enumerate(zip([-4, -5, -6, -4.5, -5.5],
+                                                                                   [3, -3, 2, -2, 1]))]
+
+
+def test_summary_table_shows_mean_and_the_t_interval_half_width():
+    doc = results({"lora": LORA, "ewc-dc": EWC})
+    row = next(line for line in summary_table(doc) if line.startswith("| `lora` |"))
+    sd = math.sqrt(sum((10 * k - 20) ** 2 for k in range(5)) / 4)  # 15.811
+    half = 2.776445 * sd / math.sqrt(5)  # 19.632
+    assert row.startswith(f"| `lora` | 5 | {320.0:.3f} ± {half:.3f} |")
+    assert f"± {sd:.3f}" not in row  # the std itself is not what is shown
+
+
+def test_summary_table_reads_older_results_without_ci95_and_one_seed():
+    doc = results({"lora": LORA})
+    for agg in doc["summary"]["lora"].values():
+        for key in ("ci95", "ci_low", "ci_high"):
+            agg.pop(key)
+    row = summary_table(doc)[2]
+    assert "320.000 ± 19.632" in row  # computed from the stored std and n
+    one = results({"lora": LORA[:1]})
+    assert summary_table(one)[2].startswith("| `lora` | 1 | 300.000 | ")  # one seed: no interval
+
+
+def test_paired_table_separates_a_difference_that_holds_on_every_seed():
+    doc = results({"lora": LORA, "ewc-dc": EWC})
+    header, _, row = paired_table(doc)
+    assert header.startswith("| method - `lora` | seeds | Δ A_MMD ↓ [95% CI] | Δ BwT_MMD ↑ [95% CI] |")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == ["`ewc-dc`", "5"]
+    # A_MMD: -5.0 ± 2.776 * 0.79 / sqrt(5) = -5.0 ± 0.98
+    assert cells[2] == "-5.0 [-6.0, -4.0] **separated** (5/5 better)"
+    # BwT_MMD: +0.2 with differences of both signs: the interval spans 0
+    assert cells[3].startswith("+0.2 [") and cells[3].endswith("] not separated (3/5 better)")
+    # DC_acc identical on every seed: a zero difference is never separated
+    assert cells[5] == "+0.000 [+0.000, +0.000] not separated (0/5 better)"
+
+
+def test_paired_note_says_what_separated_means_with_the_seeds():
+    note = paired_note(results({"lora": LORA, "ewc-dc": EWC}))
+    assert "separated = the 95% t-interval of the per-seed paired difference excludes 0; with 5 seeds" in note
+    assert "2.776" in note
+    mixed = results({"lora": LORA, "ewc-dc": EWC, "c-lora": EWC[:3]})
+    assert "with n seeds" in paired_note(mixed)
+
+
+def test_paired_table_with_one_seed_shows_no_interval():
+    doc = results({"lora": LORA[:2], "ewc-dc": [EWC[0]]})  # ewc-dc paired on one seed only
+    doc["runs"]["c-lora"] = doc["runs"]["lora"]  # and another method on both, so the table is written
+    row = next(line for line in paired_table(doc) if line.startswith("| `ewc-dc` |"))
+    assert "| -4.0 (1/1 better) |" in row and "separated" not in row
+
+
+def _report_doc() -> dict:
+    doc = results({"lora": LORA, "ewc-dc": EWC})
+    for runs in doc["runs"].values():
+        for k, run in runs["seeds"].items():
+            run.update(tasks=[{"learn_seconds": 1.0, "eval_seconds": 1.0}], run_dir=f"runs/x/seed{k}")
+    doc.update(complete=True, t2i={"available": False, "reason": "no CLIP model"}, failed=[], versions={},
+               settings={"sequence": "tabletop-1",
+                         "concepts": [{"name": "c0", "token": "<c0>", "noun": "mug", "train_images": 1, "eval_images": 1}],
+                         "model": {"reference": "tiny", "fingerprint": "f"},
+                         "adapter": "lora", "steps": 2, "seeds": [0, 1, 2, 3, 4],
+                         "generation": {"images_per_concept": 2, "images_per_prompt": 2, "contexts": [],
+                                        "sampler": "ddim", "steps": 2, "guidance": 3.0},
+                         "features": {"name": "f", "dim": 8}, "dc_eval": {"candidates": 2, "eval_timesteps": 2},
+                         "data": "data"})
+    return doc
+
+
+def test_write_report_explains_the_intervals(tmp_path):
+    text = write_report(_report_doc(), tmp_path).read_text()
+    assert "## Summary (mean ± 95% t-interval half-width over seeds)" in text
+    lines = text.splitlines()
+    note = next(i for i, line in enumerate(lines) if line.startswith("How to read: separated = the 95% t-interval"))
+    table = next(i for i, line in enumerate(lines) if line.startswith("| method - `lora` |"))
+    assert note < table  # read before the table
+    assert "| `ewc-dc` | 5 | -5.0 [-6.0, -4.0] **separated** (5/5 better) |" in text
