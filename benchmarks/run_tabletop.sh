@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# The tabletop benchmark campaign behind benchmarks/results/ (issues 3 and 4), in the order it is
-# meant to run: sweeps first (they choose the defaults), then the method comparison with those
-# defaults. Every step is resumable: rerun the script and finished runs are skipped.
-# Hours on 2 CPU cores; run it alone (two torch jobs at once slow each other several-fold):
+# The tabletop benchmark campaigns behind benchmarks/results/. Every stage is resumable: rerun the
+# script and finished runs are skipped. Hours on 2 CPU cores; run it alone (two torch jobs at once
+# slow each other several-fold):
 #   OMP_NUM_THREADS=2 nohup bash benchmarks/run_tabletop.sh > bench.log 2>&1 &
-# Pick one stage with STAGES="sweep t6" etc.
+# Pick stages with STAGES="tune t6-v2" etc.; MODEL=path runs on another base model than the bundled one.
+#
+# v2 (benchmark v2: tuning on val views only, tables on test views, 5 seeds, bounds), in order:
+#   tune     every method's equal grid (3 learning rates x 3 values of its own knob) on tabletop-6 val,
+#            2 seeds (benchmarks/tuning.py; its table goes to benchmarks/results/tuning/)
+#   t6-v2    tabletop-6 test, LoRA, all methods + single-task + joint, 5 seeds
+#   t6-vera-v2, t6b-v2, t10-v2, t50-v2   VeRA (3 seeds), tabletop-6b (independent; never tuned on;
+#            3 seeds), tabletop-10 (3 seeds), tabletop-50 (c-lora, ewc-dc; 2 seeds)
+# v1 (the committed v1 results; tuned on the views they report, see the README): the other stages.
 set -euo pipefail
 CS=${CS:-.venv/bin/conceptstream}
+PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench}
-STAGES=${STAGES:-"sweep levers sweep-lora-lr sweep-vera-lr sweep-c-lora-lr sweep-dsc-alone speed-levers t6 t6-vera t10 t50"}  # sweep = sweep-ewc-dc sweep-c-lora sweep-lora-ewc sweep-dsc
+MODEL=${MODEL:-tiny}
+STAGES=${STAGES:-"tune t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2"}
+FIVE="lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc"
 
 for stage in $STAGES; do
   case $stage in
@@ -39,6 +49,24 @@ for stage in $STAGES; do
                    # the old dsc_iters=100 as variants), 6 timed tasks so a k=5 candidate set fills up
       $CS bench-speed --parts training --timed-tasks 6 --label levers --out "${SPEED_OUT:-benchmarks/results}" \
         --methods "lora,ewc-dc,ewc-dc[dc_k=5,dc_batch=2],ewc-dc[dc_k=5],ewc-dc[dc_batch=2],dsc-ewc-dc,dsc-ewc-dc[dc_k=5,dc_batch=2,dsc_iters=100]" ;;
+    tune)
+      $PY benchmarks/tuning.py run --root "$OUT/tuning" --model "$MODEL"
+      $PY benchmarks/tuning.py table --root "$OUT/tuning" --out benchmarks/results/tuning ;;
+    t6-v2)
+      $CS bench --model "$MODEL" --sequence tabletop-6 --split test --adapter lora --seeds 5 --out "$OUT/v2-tabletop-6-lora" \
+        --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion,single-task,joint ;;
+    t6-vera-v2)
+      $CS bench --model "$MODEL" --sequence tabletop-6 --split test --adapter vera --seeds 3 --out "$OUT/v2-tabletop-6-vera" \
+        --methods lora,lora-ewc,ewc-dc,dsc,dsc-ewc-dc,single-task,joint ;;
+    t6b-v2)
+      $CS bench --model "$MODEL" --sequence tabletop-6b --split test --adapter lora --seeds 3 --out "$OUT/v2-tabletop-6b" \
+        --methods "$FIVE,single-task,joint" ;;
+    t10-v2)
+      $CS bench --model "$MODEL" --sequence tabletop-10 --split test --adapter lora --seeds 3 --out "$OUT/v2-tabletop-10" \
+        --methods "$FIVE" ;;
+    t50-v2)
+      $CS bench --model "$MODEL" --sequence tabletop-50 --split test --adapter lora --seeds 2 --eval-every 10 \
+        --dc-elimination "${DC_ELIMINATION:-none}" --out "$OUT/v2-tabletop-50" --methods c-lora,ewc-dc ;;
     t6)
       $CS bench --sequence tabletop-6 --adapter lora --seeds 3 --out "$OUT/tabletop-6-lora" \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion ;;

@@ -63,7 +63,7 @@ def test_the_denoising_loss_trains_toward_the_velocity_on_a_v_model(v_model_path
     out = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(2))  # what the "UNet" predicts
     ctx = SimpleNamespace(dc=dc, generator=torch.Generator().manual_seed(7), device=torch.device("cpu"),
                           unet=lambda x, t, c: SimpleNamespace(sample=out), encode=lambda p: torch.zeros(len(p), 1),
-                          prompt=lambda c: "p", current=None)
+                          prompt=lambda c: "p", batch_prompts=lambda b: ["p"] * b, current=None)
     loss = ContinualMethod.denoise_loss(ctx, z)
     g = torch.Generator().manual_seed(7)  # the same draws as denoise_loss: t, then the noise
     t = torch.randint(0, dc.num_train_timesteps, (3,), generator=g)

@@ -1,0 +1,188 @@
+"""The equal tuning budget of benchmark v2: every method gets the same small grid on the validation views.
+
+Each method's grid is its learning rate (adapter ``lr``, or the token's ``token_lr`` for Textual
+Inversion) at 3 values x its own main knob at 3 values (:data:`GRIDS`), run as one bench per method on
+tabletop-6's **val** split with 2 seeds (``--split val --seeds 2``). The winner of a method is the grid
+point with the lowest mean val ``A_MMD`` over the seeds (the criterion is fixed before any run; ties go
+to the smaller learning rate, then the smaller knob). The test split is never read here.
+
+    python benchmarks/tuning.py run --root bench/tuning [--methods lora,ewc-dc] [--model tiny]
+    python benchmarks/tuning.py table --root bench/tuning --out benchmarks/results/tuning
+
+``run`` is resumable (each bench skips finished runs; rerun the same command). ``table`` reads every
+finished tuning bench under ``--root``, writes ``tuning.json`` (every grid point with its per-seed and mean
+val numbers, and the winner per method) and ``tuning.md`` (the table for docs/DEFAULTS.md), and prints the
+winners. Changing a method's defaults to its winner is a deliberate edit of ``methods/`` and
+``docs/DEFAULTS.md`` that cites this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SEQUENCE = "tabletop-6"
+SEEDS = 2
+CRITERION = "A_MMD"  # lower is better; mean over the tuning seeds on the val split
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One method's tuning grid: a learning rate x its own main knob, each at 3 values."""
+
+    lr_key: str
+    lr_values: tuple[float, ...]
+    knob: str
+    knob_values: tuple[Any, ...]
+    steps: int | None = None  # the bench's --steps for this method (None: learn's default)
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def sweep(self) -> dict[str, list[Any]]:
+        if self.knob == "steps":
+            return {self.lr_key: list(self.lr_values)}
+        return {self.lr_key: list(self.lr_values), self.knob: list(self.knob_values)}
+
+
+LORA_LRS = (3e-4, 1e-3, 3e-3)
+GRIDS: dict[str, Grid] = {
+    "lora": Grid("lr", LORA_LRS, "token_lr", (2e-3, 5e-3, 2e-2), note="no regulariser: the token's rate is its knob"),
+    "lora-ewc": Grid("lr", LORA_LRS, "ewc_lambda", (10.0, 100.0, 1000.0)),
+    "c-lora": Grid("lr", (1e-3, 3e-3, 1e-2), "clora_lambda", (100.0, 1000.0, 10000.0)),
+    "ewc-dc": Grid("lr", LORA_LRS, "ewc_lambda", (10.0, 100.0, 1000.0)),
+    "dsc": Grid("lr", LORA_LRS, "dsc_iters", (10, 25, 100)),
+    "dsc-ewc": Grid("lr", LORA_LRS, "dsc_iters", (10, 25, 100)),
+    "dsc-ewc-dc": Grid("lr", LORA_LRS, "dsc_iters", (10, 25, 100)),
+    "custom-diffusion": Grid("lr", (3e-5, 1e-4, 3e-4), "token_lr", (2e-3, 5e-3, 2e-2),
+                             note="its lr is the cross-attention K/V rate; the token's rate is its knob"),
+    "textual-inversion": Grid("token_lr", (2e-3, 5e-3, 2e-2), "steps", (200, 500, 1000),
+                              note="only the token learns: more steps per task is its knob (one bench per value)"),
+}
+
+
+def bench_jobs(root: Path, methods: Sequence[str]) -> list[tuple[Path, dict[str, Any]]]:
+    """``(out folder, run_bench options)`` of every tuning bench of ``methods``."""
+    jobs = []
+    for m in methods:
+        grid = GRIDS[m]
+        base = {"sequence": SEQUENCE, "split": "val", "seeds": SEEDS, "methods": [m], "sweep": grid.sweep(),
+                **grid.extra}
+        if grid.knob == "steps":
+            jobs += [(root / f"{m}-steps{v}", {**base, "steps": int(v)}) for v in grid.knob_values]
+        else:
+            jobs.append((root / m, {**base, **({"steps": grid.steps} if grid.steps else {})}))
+    return jobs
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def grid_points(doc: Mapping[str, Any], method: str) -> list[dict[str, Any]]:
+    """Every finished grid point of ``method`` in one bench's results.json: its settings and val numbers."""
+    if (doc.get("settings") or {}).get("split") != "val":
+        raise ValueError(f"{method}: a tuning bench must be scored on the val split, this one was not")
+    grid = GRIDS[method]
+    steps = doc["settings"].get("steps")
+    points = []
+    for label, run in doc.get("runs", {}).items():
+        if run.get("method") != method or not run.get("seeds"):
+            continue
+        seeds = run["seeds"]
+        first = next(iter(seeds.values()))
+        settings = first.get("config", {}).get("settings") or first.get("hparams") or {}
+        per_seed = {k: r.get("summary", {}) for k, r in seeds.items()}
+        point = {"method": method, "label": label, grid.lr_key: settings.get(grid.lr_key),
+                 grid.knob: steps if grid.knob == "steps" else settings.get(grid.knob),
+                 "seeds": sorted(int(k) for k in seeds), "per_seed": per_seed}
+        for key in (CRITERION, "plasticity_MMD", "BwT_MMD", "DC_acc", "DC_acc_own_class"):
+            point[key] = _mean([s.get(key) for s in per_seed.values()])
+        points.append(point)
+    return points
+
+
+def winner(points: Sequence[Mapping[str, Any]], method: str) -> Mapping[str, Any] | None:
+    """The grid point with the lowest mean ``CRITERION`` (ties: smaller learning rate, then smaller knob)."""
+    grid = GRIDS[method]
+    scored = [p for p in points if p.get(CRITERION) is not None]
+    if not scored:
+        return None
+    return min(scored, key=lambda p: (p[CRITERION], p[grid.lr_key], p[grid.knob]))
+
+
+def collect(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every method's grid points from the tuning benches under ``root``."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for method in GRIDS:
+        for out, _ in bench_jobs(root, [method]):
+            path = out / "results.json"
+            if path.is_file():
+                found.setdefault(method, []).extend(grid_points(json.loads(path.read_text()), method))
+    return found
+
+
+def table(found: Mapping[str, list[Mapping[str, Any]]]) -> tuple[dict[str, Any], str]:
+    """The tuning document and its Markdown table (every grid point; the winner in bold)."""
+    doc: dict[str, Any] = {"sequence": SEQUENCE, "split": "val", "seeds_per_point": SEEDS,
+                           "criterion": f"lowest mean val {CRITERION} over the seeds", "methods": {}}
+    lines = [f"| method | {'learning rate'} | knob | seeds | val {CRITERION} ↓ | val plasticity ↓ | val BwT ↑ | "
+             "val DC acc ↑ |", "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, nd: "n/a" if v is None else f"{v:.{nd}f}"  # noqa: E731
+    for method, points in found.items():
+        grid, best = GRIDS[method], winner(points, method)
+        doc["methods"][method] = {"grid": {grid.lr_key: list(grid.lr_values), grid.knob: list(grid.knob_values)},
+                                  "note": grid.note, "points": list(points),
+                                  "winner": {k: best[k] for k in (grid.lr_key, grid.knob, CRITERION)} if best else None,
+                                  "complete": len(points) == len(grid.lr_values) * len(grid.knob_values)}
+        for p in sorted(points, key=lambda p: (p[grid.lr_key], p[grid.knob])):
+            cells = [f"`{method}`", f"{grid.lr_key}={p[grid.lr_key]}", f"{grid.knob}={p[grid.knob]}",
+                     str(len(p["seeds"])), fmt(p[CRITERION], 1), fmt(p["plasticity_MMD"], 1), fmt(p["BwT_MMD"], 1),
+                     fmt(p["DC_acc"], 3)]
+            if p is best:
+                cells = [f"**{c}**" for c in cells]
+            lines.append("| " + " | ".join(cells) + " |")
+    return doc, "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("action", choices=("run", "table"), help="run the tuning benches, or tabulate them")
+    p.add_argument("--root", type=Path, required=True, help="folder of the tuning benches (one per method)")
+    p.add_argument("--methods", default=",".join(GRIDS), help="comma-separated methods (default: all)")
+    p.add_argument("--model", default=None, help="base model ('tiny' or a diffusers folder)")
+    p.add_argument("--out", type=Path, default=None, help="table: where to write tuning.json and tuning.md")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in GRIDS]
+    if unknown:
+        p.error(f"no tuning grid for {', '.join(unknown)}; grids exist for: {', '.join(GRIDS)}")
+    if args.action == "run":
+        from conceptstream.evaluation.bench import run_bench
+
+        for out, options in bench_jobs(args.root, methods):
+            print(f"[tuning] {out}: {options['methods'][0]} sweep {options['sweep']}"
+                  + (f", {options['steps']} steps" if "steps" in options else ""), flush=True)
+            run_bench(out, model=args.model, **options)
+        return 0
+    found = {m: pts for m, pts in collect(args.root).items() if m in methods}
+    doc, md = table(found)
+    print(md)
+    for m, entry in doc["methods"].items():
+        print(f"{m}: winner {entry['winner']}" + ("" if entry["complete"] else " (grid incomplete)"))
+    if args.out:
+        from conceptstream.safeio import write_json_atomic
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out / "tuning.json", doc)
+        (args.out / "tuning.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

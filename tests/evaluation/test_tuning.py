@@ -1,0 +1,69 @@
+"""benchmarks/tuning.py: the equal tuning grids, on the val split only, and how a winner is chosen."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def tuning():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import tuning
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return tuning
+
+
+def _doc(points: dict[tuple[float, float], list[float]], split: str = "val") -> dict:
+    """A results.json of an ewc-dc tuning bench: per (lr, ewc_lambda) the val A_MMD of each seed."""
+    runs = {}
+    for (lr, lam), values in points.items():
+        seeds = {str(k): {"config": {"settings": {"lr": lr, "ewc_lambda": lam}},
+                          "summary": {"A_MMD": v, "plasticity_MMD": v - 1, "BwT_MMD": -1.0, "DC_acc": 0.5}}
+                 for k, v in enumerate(values)}
+        runs[f"ewc-dc[lr={lr},ewc_lambda={lam}]"] = {"method": "ewc-dc", "seeds": seeds}
+    return {"settings": {"split": split, "steps": 200}, "runs": runs}
+
+
+def test_every_method_gets_three_learning_rates_by_three_knob_values(tuning):
+    from conceptstream.methods.registry import method_defaults, method_names
+
+    assert set(tuning.GRIDS) == set(method_names())
+    for method, grid in tuning.GRIDS.items():
+        assert len(grid.lr_values) == 3 and len(grid.knob_values) == 3, method
+        known = method_defaults(method, "lora")
+        assert grid.lr_key in known and (grid.knob in known or grid.knob == "steps"), method
+    jobs = tuning.bench_jobs(Path("root"), ["ewc-dc", "textual-inversion"])
+    assert [(out.name, opts.get("steps")) for out, opts in jobs] == [
+        ("ewc-dc", None), ("textual-inversion-steps200", 200), ("textual-inversion-steps500", 500),
+        ("textual-inversion-steps1000", 1000)]
+    assert all(opts["split"] == "val" and opts["seeds"] == 2 for _, opts in jobs)
+
+
+def test_the_winner_has_the_lowest_mean_val_a_mmd_and_ties_go_to_the_smaller_rate(tuning):
+    doc = _doc({(1e-3, 100.0): [300.0, 310.0], (3e-3, 100.0): [290.0, 330.0], (3e-4, 10.0): [305.0, 306.0],
+                (1e-3, 10.0): [305.0, 306.0]})
+    points = tuning.grid_points(doc, "ewc-dc")
+    assert tuning.winner(points, "ewc-dc")["lr"] == 1e-3 and tuning.winner(points, "ewc-dc")["ewc_lambda"] == 100.0
+    tie = tuning.grid_points(_doc({(1e-3, 10.0): [305.0, 306.0], (3e-4, 10.0): [306.0, 305.0]}), "ewc-dc")
+    assert tuning.winner(tie, "ewc-dc")["lr"] == 3e-4
+    doc_table, md = tuning.table({"ewc-dc": points})
+    assert doc_table["methods"]["ewc-dc"]["winner"] == {"lr": 1e-3, "ewc_lambda": 100.0, "A_MMD": 305.0}
+    assert not doc_table["methods"]["ewc-dc"]["complete"]  # 4 of the 9 grid points
+    assert md.count("**") == 2 * 8  # one bold row of 8 cells
+
+
+def test_a_bench_scored_on_the_test_split_is_refused(tuning, tmp_path):
+    with pytest.raises(ValueError, match="val split"):
+        tuning.grid_points(_doc({(1e-3, 100.0): [300.0]}, split="test"), "ewc-dc")
+    (tmp_path / "ewc-dc").mkdir()
+    (tmp_path / "ewc-dc" / "results.json").write_text(json.dumps(_doc({(1e-3, 100.0): [300.0, 302.0]})))
+    assert tuning.main(["table", "--root", str(tmp_path), "--methods", "ewc-dc", "--out", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "tuning.json").read_text())["methods"]["ewc-dc"]["winner"]["A_MMD"] == 301.0
