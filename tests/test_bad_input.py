@@ -355,3 +355,16 @@ def test_generate_needs_at_least_one_image_and_step(tmp_path, capsys, state, mod
         assert tree(state) == before and not out.exists()
     with pytest.raises(UserInputError, match="-n must be >= 1"):
         api.generate("a photo of a dog", model=str(model), n=0)
+
+
+@pytest.mark.parametrize("device, match", [("cuda", "no usable CUDA GPU"), ("cuda:x", "is not a torch device")])
+def test_a_device_torch_cannot_use_is_one_line_and_leaves_the_state(tmp_path, capsys, state, device, match):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    out = tmp_path / "out.png"
+    before = tree(state)
+    expect_error(capsys, state, "generate", "a photo of a <a> dog", "--state", str(state), "-o", str(out),
+                 "--steps", "1", "-n", "1", "--device", device, match=match)
+    assert tree(state) == before and not out.exists()

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conceptstream.adapters.registry import AdapterSpec, adapter_default_rank
-from conceptstream.distributed import default_device, is_main_process
+from conceptstream.distributed import check_device, default_device, is_main_process
 from conceptstream.engine import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_STEPS,
@@ -34,7 +34,7 @@ TENSOR_FILES = ("tokens", "adapter", "method")
 
 
 def _device(device: str | None) -> str:
-    return device or default_device()
+    return check_device(device) if device else default_device()
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

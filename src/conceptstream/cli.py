@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpoint + export) after this")
     wt.add_argument("--seed", type=int, default=0,
                     help="seed of initialisation, renders, batches and noise (default %(default)s)")
+    wt.add_argument("--device", default="cpu",
+                    help="torch device of the training: cpu (default), cuda or cuda:N; checkpoints resume on any device")
+    wt.add_argument("--render-workers", type=int, default=1,
+                    help="processes that render the training images (the same images for any count; default "
+                         "%(default)s)")
     wt.add_argument("--init-from", default=None,
                     help="seed an empty --workdir from an exported model folder (e.g. the bundled one) and continue")
 
@@ -308,7 +313,8 @@ def _world(args: argparse.Namespace) -> int:
                                  unet_steps=args.unet_steps, batch_size=args.batch_size, max_minutes=args.max_minutes,
                                  seed=args.seed, init_from=args.init_from, latent_channels=args.latent_channels,
                                  vae_downsample=args.vae_downsample, vae_generic_fraction=args.vae_generic_fraction,
-                                 vae_generic_images=args.vae_generic_images)
+                                 vae_generic_images=args.vae_generic_images, device=args.device,
+                                 render_workers=args.render_workers)
         out = BaseTrainer(cfg).run()
         print(f"exported model to {out}" if out else f"stopped early; resume with the same command ({args.workdir})")
         return 0

@@ -45,6 +45,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """``device`` unchanged when torch can use it; else a one-line error naming the fix."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserInputError(f"--device {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserInputError(f"--device {device}: torch {torch.__version__} here has no usable CUDA GPU (no GPU, "
+                                 "no driver, or a CPU-only build); leave --device out or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserInputError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices "
+                                 f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError(f"--device {device}: the MPS backend is not available here; use --device cpu")
+    return device
+
+
 def make_accelerator(mixed_precision: str, device: torch.device):
     """An ``Accelerator`` for one task; the engine keeps placing tensors itself (``device_placement=False``)."""
     from accelerate import Accelerator

@@ -99,3 +99,14 @@ def test_write_report_explains_the_intervals(tmp_path):
     table = next(i for i, line in enumerate(lines) if line.startswith("| method - `lora` |"))
     assert note < table  # read before the table
     assert "| `ewc-dc` | 5 | -5.0 [-6.0, -4.0] **separated** (5/5 better) |" in text
+
+
+def test_the_printed_summary_shows_the_interval_and_the_own_class_dc_accuracy():
+    from conceptstream.evaluation.bench.results import format_summary
+
+    text = format_summary(results({"lora": LORA, "one-seed": LORA[:1]}))
+    header, lora, one, note = text.splitlines()
+    assert header.split()[-2:] == ["DC_acc", "DC_acc_own_class"]
+    assert "320.000 ± 19.632" in lora and "± 15.811" not in lora  # the interval, not the std
+    assert "300.000" in one and "±" not in one  # one seed: no interval
+    assert note.startswith("± : half-width of the 95% t-interval") and note.endswith("over 5 seeds")

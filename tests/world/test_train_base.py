@@ -164,7 +164,8 @@ def test_vae_downsample_2_gives_32x32_latents_vae_only_export_and_resume_checks(
     assert pipe("a photo of a mug", num_inference_steps=2).images[0].size == (64, 64)
     info = json.loads((out / "training.json").read_text())
     assert (info["vae_step"], info["unet_step"]) == (2, 0)
-    assert "downsampling 2) to 4x32x32 latents" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "downsampling 2) to 4x32x32 latents" in card and "down blocks 32 (DownBlock), 64 (DownBlock)" in card
     with pytest.raises(UserInputError, match="vae-downsample 2"):
         BaseTrainer(_cfg(tmp_path, "d2"), progress=False)
     with pytest.raises(UserInputError, match="must match"):
@@ -251,3 +252,32 @@ def test_codec_benchmark_on_a_work_dir(tmp_path):
     again = bmq.main(["--codec-only", "--vae", str(tmp_path / "k-work"), "--sequence", "tabletop-3",
                       "--train-views", "2", "--eval-views", "1", "--cache", str(tmp_path / "cache"), "--out", str(out)])
     assert again["results"] == rows  # cached renders and features give the same numbers
+
+
+def test_rendering_in_worker_processes_gives_the_same_training_images(tmp_path):
+    """--render-workers N (for a GPU machine's idle cores) renders the same data bit for bit."""
+    import numpy as np
+
+    from conceptstream.world.base_data import generic_dataset, render_dataset
+
+    one, caps_one = render_dataset(tmp_path / "w1", 1, 0, False, workers=1)
+    two, caps_two = render_dataset(tmp_path / "w2", 1, 0, False, workers=2)
+    np.testing.assert_array_equal(one, two)
+    assert caps_one == caps_two
+    np.testing.assert_array_equal(generic_dataset(tmp_path / "w1", 5, 0, False, workers=1),
+                                  generic_dataset(tmp_path / "w2", 5, 0, False, workers=2))
+
+
+@pytest.mark.parametrize("device, message", [("gpu0", "is not a torch device"), ("cuda", "no usable CUDA GPU")])
+def test_train_base_refuses_a_device_torch_cannot_use_in_one_line(tmp_path, capsys, device, message):
+    from conftest import assert_one_line_error
+
+    from conceptstream.cli import main
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    rc = main(["world", "train-base", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "m"),
+               "--device", device])
+    assert rc != 0
+    assert message in assert_one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "w" / "data").exists()  # refused before any rendering

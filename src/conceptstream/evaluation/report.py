@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from conceptstream.evaluation.matrices import summary_ci95
 from conceptstream.evaluation.variants import slug as _slug
 from conceptstream.safeio import atomic_path, write_text_atomic
 
@@ -69,16 +70,6 @@ def _finite(x: Any) -> bool:
 # ------------------------------------------------------------------------------ tables
 
 
-def _ci95(agg: Mapping[str, Any]) -> float | None:
-    """The 95% t-interval half-width of a summary entry: stored, or from its std and n (older results)."""
-    from conceptstream.evaluation.matrices import ci_half_width
-
-    if _finite(agg.get("ci95")):
-        return agg["ci95"]
-    n = agg.get("n") or 0
-    return ci_half_width(agg["std"], n) if _finite(agg.get("std")) and n > 1 else None
-
-
 def summary_table(doc: Mapping[str, Any]) -> list[str]:
     """One row per method: each summary's mean over seeds ± the half-width of its 95% t-interval
     (the mean alone for one seed), the best mean of each column in bold."""
@@ -101,7 +92,7 @@ def summary_table(doc: Mapping[str, Any]) -> list[str]:
             if not _finite(mean):
                 cells.append("n/a")
                 continue
-            half = _ci95(agg)  # None for one seed: no spread to show
+            half = summary_ci95(agg)  # None for one seed: no spread to show
             text = f"{mean:.{nd}f} ± {half:.{nd}f}" if half is not None else f"{mean:.{nd}f}"
             cells.append(f"**{text}**" if key in best and mean == best[key] else text)
         lines.append(f"| `{label}` | {n} | " + " | ".join(cells) + " |")

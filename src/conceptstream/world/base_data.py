@@ -12,36 +12,77 @@ from conceptstream.safeio import write_json_atomic
 from conceptstream.world.catalogue import BASE_CLASSES
 
 
-def render_dataset(workdir: Path, images_per_class: int, seed: int, progress: bool = True):
-    """Render (or load the cached) base-class training set: uint8 images and captions."""
-    from tqdm.auto import tqdm
+def render_dataset(workdir: Path, images_per_class: int, seed: int, progress: bool = True, workers: int = 1):
+    """Render (or load the cached) base-class training set: uint8 images and captions.
 
-    from conceptstream.world.render import TabletopRenderer
-
+    ``workers`` > 1 renders in that many processes; every render is a pure function of (class,
+    index, seed), so the result is the same bit for bit."""
     img_path, cap_path = workdir / "data" / "images.npy", workdir / "data" / "captions.json"
     if img_path.exists() and cap_path.exists():
         images = np.load(img_path, allow_pickle=False)
         captions = json.loads(cap_path.read_text())
         if len(captions) == images.shape[0] == images_per_class * len(BASE_CLASSES):
             return images, captions
-    renderer = TabletopRenderer(64)
-    images, captions = [], []
-    total = images_per_class * len(BASE_CLASSES)
-    with tqdm(total=total, desc="render base classes", disable=not progress) as bar:
-        for cls in BASE_CLASSES:
-            for i in range(images_per_class):
-                r = renderer.render_class(cls, i, seed)
-                images.append(np.asarray(r.image))
-                captions.append(r.caption)
+    jobs = [(c, i, seed) for c in range(len(BASE_CLASSES)) for i in range(images_per_class)]
+    rendered = _render_all(_class_render, jobs, workers, "render base classes", progress)
+    arr = np.stack([image for image, _ in rendered])
+    _save_npy(img_path, arr)
+    write_json_atomic(cap_path, [caption for _, caption in rendered])
+    return arr, [caption for _, caption in rendered]
+
+
+# -- rendering in worker processes ---------------------------------------------------------------
+# One renderer (a pybullet connection) and one copy of the pictures per process, made on first use.
+_PROCESS: dict = {}
+
+
+def _renderer():
+    from conceptstream.world.render import TabletopRenderer
+
+    if "renderer" not in _PROCESS:
+        _PROCESS["renderer"] = TabletopRenderer(64)
+    return _PROCESS["renderer"]
+
+
+def _class_render(job: tuple[int, int, int]) -> tuple[np.ndarray, str]:
+    c, i, seed = job
+    r = _renderer().render_class(BASE_CLASSES[c], i, seed)
+    return np.asarray(r.image), r.caption
+
+
+def _render_all(fn, jobs: list, workers: int, desc: str, progress: bool) -> list:
+    """``[fn(job) for job in jobs]``, in ``workers`` spawned processes when > 1, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress)
+    try:
+        if workers <= 1:
+            out = []
+            for job in jobs:
+                out.append(fn(job))
                 bar.update()
-    renderer.close()
-    arr = np.stack(images)
-    img_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = img_path.with_suffix(".tmp.npy")
+            return out
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            out = []
+            for result in pool.map(fn, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers)))):
+                out.append(result)
+                bar.update()
+            return out
+    finally:
+        bar.close()
+        renderer = _PROCESS.pop("renderer", None)
+        if renderer is not None:
+            renderer.close()
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, arr, allow_pickle=False)
-    tmp.replace(img_path)
-    write_json_atomic(cap_path, captions)
-    return arr, captions
+    tmp.replace(path)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -158,37 +199,34 @@ def picture_crop(rng: np.random.Generator, pictures: list[np.ndarray], size: int
     return np.ascontiguousarray(crop).astype(np.uint8)
 
 
-def generic_dataset(workdir: Path, n: int, seed: int, progress: bool = True) -> np.ndarray:
+def generic_dataset(workdir: Path, n: int, seed: int, progress: bool = True, workers: int = 1) -> np.ndarray:
     """``n`` generic 64x64 images for the autoencoder, cached in the work directory: a third whole-image
     patterns (:func:`procedural_pattern`), a third scikit-image photo/texture crops, a third base-class
     objects painted with a procedural pattern on the world's backgrounds. None is a personal concept:
-    patterned objects never take a catalogue concept's (class, pattern, colour pair) look."""
-    from tqdm.auto import tqdm
-
-    from conceptstream.world.catalogue import BASE_CLASSES
-    from conceptstream.world.render import TabletopRenderer, stable_rng
-
+    patterned objects never take a catalogue concept's (class, pattern, colour pair) look. ``workers``
+    as in :func:`render_dataset` (the same images)."""
     path = workdir / "data" / f"generic-{n}-seed{seed}.npy"
     if path.exists():
         return np.load(path, allow_pickle=False)
-    pictures = [_skimage_picture(name) for name in SKIMAGE_PICTURES]
-    renderer = TabletopRenderer(64)
-    out = np.zeros((n, 64, 64, 3), np.uint8)
-    for i in tqdm(range(n), desc="generic VAE images", disable=not progress):
-        rng = stable_rng("generic", seed, i)
-        kind = i % 3
-        if kind == 0:
-            out[i] = procedural_pattern(rng)
-        elif kind == 1:
-            out[i] = picture_crop(rng, pictures)
-        else:
-            cls = BASE_CLASSES[int(rng.integers(len(BASE_CLASSES)))]
-            texture = procedural_pattern(rng, 128, class_key=cls.key)
-            stretch = tuple(float(s) for s in rng.uniform(0.8, 1.3, size=3))
-            out[i] = np.asarray(renderer.render_textured(cls, texture, i, seed, stretch=stretch))
-    renderer.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, out, allow_pickle=False)
-    tmp.replace(path)
+    out = np.stack(_render_all(_generic_image, [(i, seed) for i in range(n)], workers, "generic VAE images",
+                               progress)) if n else np.zeros((0, 64, 64, 3), np.uint8)
+    _save_npy(path, out)
     return out
+
+
+def _generic_image(job: tuple[int, int]) -> np.ndarray:
+    from conceptstream.world.render import stable_rng
+
+    i, seed = job
+    rng = stable_rng("generic", seed, i)
+    kind = i % 3
+    if kind == 0:
+        return procedural_pattern(rng)
+    if kind == 1:
+        if "pictures" not in _PROCESS:
+            _PROCESS["pictures"] = [_skimage_picture(name) for name in SKIMAGE_PICTURES]
+        return picture_crop(rng, _PROCESS["pictures"])
+    cls = BASE_CLASSES[int(rng.integers(len(BASE_CLASSES)))]
+    texture = procedural_pattern(rng, 128, class_key=cls.key)
+    stretch = tuple(float(s) for s in rng.uniform(0.8, 1.3, size=3))
+    return np.asarray(_renderer().render_textured(cls, texture, i, seed, stretch=stretch))

@@ -45,8 +45,13 @@ def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
         decoder = (f" Then the decoder alone (encoder frozen) for {s['decoder_step']} of {cfg.decoder_steps} steps, "
                    f"batch {cfg.decoder_batch_size}, L1 + L2 + a patch-discriminator hinge loss with VQGAN's "
                    f"adaptive weight x {cfg.disc_weight}.")
+    from conceptstream.world.tiny_model import unet_config
+
     down = getattr(cfg, "vae_downsample", 4)
     latent = f"{cfg.latent_channels}x{64 // down}x{64 // down}"
+    unet = unet_config(cfg.latent_channels, down)
+    blocks = ", ".join(f"{c} ({b.replace('2D', '')})" for c, b in zip(unet["block_out_channels"], unet["down_block_types"]))
+    machines = ", ".join(s.get("machines") or [platform.processor() or platform.machine()])
     generic = ""
     if getattr(cfg, "vae_generic_fraction", 0.0) > 0:
         generic = (f"\nThe VAE alone also saw {cfg.vae_generic_images} generic images ({cfg.vae_generic_fraction:.0%} of "
@@ -60,7 +65,7 @@ It loads with stock `diffusers.StableDiffusionPipeline.from_pretrained(path)`.
 
 - Images: 64x64 RGB; VAE (AutoencoderKL, downsampling {down}) to {latent} latents, scaling factor
   {s.get('scaling_factor')}.
-- UNet2DConditionModel: channels (64, 96, 96), cross-attention at 8x8 and 4x4 only.
+- UNet2DConditionModel: down blocks {blocks}, at {64 // down} px latents.
 - Text encoder: CLIPTextModel (2 layers, width 64) trained from scratch with the real CLIP
   tokenizer (49408 tokens).
 - Scheduler: DDIM (scaled-linear betas 0.00085-0.012, 1000 steps, epsilon prediction).
@@ -76,8 +81,8 @@ Personal-concept patterns (stripes, checks, dots, zigzag, halves) never appear i
   AdamW (lr {cfg.unet_lr} / {cfg.text_lr}, diffusers `{cfg.lr_scheduler}` schedule with {cfg.lr_warmup_steps} warm-up steps),
   min-SNR-{cfg.min_snr_gamma} weighting, caption dropout
   {cfg.caption_dropout}, EMA {cfg.ema_decay} (the EMA weights are exported).
-- Wall time so far: {s.get('wall_seconds', 0) / 3600:.2f} h on {platform.processor() or platform.machine()}
-  ({torch.get_num_threads()} threads), torch {torch.__version__}, diffusers {diffusers.__version__},
+- Wall time so far: {s.get('wall_seconds', 0) / 3600:.2f} h on {machines}
+  (this stage {torch.get_num_threads()} CPU threads), torch {torch.__version__}, diffusers {diffusers.__version__},
   transformers {transformers.__version__}.
 - Reproduce / resume: `conceptstream world train-base --workdir WORKDIR --out OUT`
   (config: `{json.dumps({k: v for k, v in asdict(cfg).items() if k not in ('workdir', 'out', 'extra')})}`).

@@ -72,6 +72,13 @@ class BaseTrainingConfig:
     checkpoint_every: int = 250
     export_every: int = 2000
     seed: int = 0
+    # torch device of every stage (cpu, cuda, cuda:N). Batches, noise and timesteps are drawn on the CPU
+    # from the same seeded generators on any device; checkpoints are CPU tensors, so a run may resume
+    # on another device.
+    device: str = "cpu"
+    # processes that render the training images (each render is a pure function of its index: the
+    # same data for any count); > 1 only pays where there are idle cores, e.g. on a GPU machine
+    render_workers: int = 1
     max_minutes: float | None = None
     # Seed an empty work directory from an exported model folder (its training.json + weights):
     # training continues from the exported EMA weights with a fresh optimizer.
@@ -124,7 +131,14 @@ class BaseTrainer:
         schedulers = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
         if cfg.lr_scheduler not in schedulers:
             raise UserInputError(f"lr_scheduler {cfg.lr_scheduler!r} is not one of {', '.join(schedulers)}")
+        if cfg.render_workers < 1:
+            raise UserInputError(f"--render-workers must be >= 1, got {cfg.render_workers}")
+        from conceptstream.distributed import check_device
+
+        self.device = torch.device(check_device(cfg.device))
         self.components = build_components(cfg.seed, cfg.latent_channels, cfg.vae_downsample)
+        for name in ("vae", "unet", "text_encoder"):
+            self.components[name].to(self.device)
         self.state_path = self.workdir / "progress.json"
         self.state = {"vae_step": 0, "decoder_step": 0, "unet_step": 0, "wall_seconds": 0.0, "scaling_factor": None,
                       "config": asdict(cfg), "losses": {}}
@@ -139,6 +153,11 @@ class BaseTrainer:
                 raise UserInputError(f"{self.workdir} was trained with --vae-downsample {had}, not "
                                      f"{cfg.vae_downsample}; resume with {had} or use a new --workdir")
             self.state.update({k: v for k, v in saved.items() if k != "config"})
+        from conceptstream.system import cpu_model
+
+        here = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else cpu_model()
+        if here not in self.state.setdefault("machines", []):
+            self.state["machines"].append(here)  # every machine the run has used, for the model card
         self._t0 = time.time()
         self._wall0 = self.state["wall_seconds"]
         if not self.state_path.exists() and cfg.init_from:
@@ -252,7 +271,7 @@ class BaseTrainer:
                 use = (torch.rand(cfg.batch_size, generator=g) < cfg.vae_generic_fraction).numpy()
                 gidx = torch.randint(0, len(generic), (cfg.batch_size,), generator=g).numpy()
                 batch = np.where(use[:, None, None, None], generic[gidx], batch)
-            x = to_tensor(np.ascontiguousarray(batch))
+            x = to_tensor(np.ascontiguousarray(batch)).to(self.device)
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample(generator=g)).sample
             loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
@@ -280,9 +299,9 @@ class BaseTrainer:
         vae.eval()
         means, stds = [], []
         for i in range(0, len(images), 256):
-            post = vae.encode(to_tensor(images[i : i + 256])).latent_dist
-            means.append(post.mean)
-            stds.append(post.std)
+            post = vae.encode(to_tensor(images[i : i + 256]).to(self.device)).latent_dist
+            means.append(post.mean.cpu())  # batches are drawn on the CPU (draw_latents)
+            stds.append(post.std.cpu())
         mean, std = torch.cat(means), torch.cat(stds)
         self.state["scaling_factor"] = float(1.0 / mean.std())
         save_tensors_atomic({"mean": mean, "std": std}, path)
@@ -304,7 +323,7 @@ class BaseTrainer:
         trained = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
         for p in trained:
             p.requires_grad_(True)
-        disc = build_patch_discriminator()
+        disc = build_patch_discriminator().to(self.device)
         opt_g = torch.optim.AdamW(trained, lr=cfg.decoder_lr, betas=(0.5, 0.9), weight_decay=0.0)
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
         files = {name: self.workdir / f"{name}.safetensors" for name in ("disc", "decoder_opt", "disc_opt")}
@@ -318,8 +337,8 @@ class BaseTrainer:
 
         def train_step(g: torch.Generator) -> dict[str, str]:
             idx, z = draw_latents(lat_mean, lat_std, cfg.decoder_batch_size, g)
-            x = to_tensor(images[idx.numpy()])
-            rec = vae.decode(z).sample
+            x = to_tensor(images[idx.numpy()]).to(self.device)
+            rec = vae.decode(z.to(self.device)).sample
             rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
             gan_loss = -disc(rec).mean()
             # adaptive weight: balance the two gradients at the decoder's last layer
@@ -404,6 +423,8 @@ class BaseTrainer:
             t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=g)
             noise = torch.randn(z.shape, generator=g)
             a = alphas[t].view(-1, 1, 1, 1)
+            dev = self.device
+            z, noise, a, t, batch_ids = z.to(dev), noise.to(dev), a.to(dev), t.to(dev), batch_ids.to(dev)
             zt = a.sqrt() * z + (1 - a).sqrt() * noise
             pred = unet(zt, t, text(batch_ids)[0]).sample
             snr = compute_snr(sched, t)
@@ -487,12 +508,14 @@ class BaseTrainer:
 
         signal.signal(signal.SIGTERM, _request_stop)
         try:
-            images, captions = render_dataset(self.workdir, self.cfg.images_per_class, self.cfg.seed, self.progress)
+            images, captions = render_dataset(self.workdir, self.cfg.images_per_class, self.cfg.seed, self.progress,
+                                              self.cfg.render_workers)
             generic = None
             if self.cfg.vae_generic_fraction > 0 and self.state["vae_step"] < self.cfg.vae_steps:
                 from conceptstream.world.base_data import generic_dataset
 
-                generic = generic_dataset(self.workdir, self.cfg.vae_generic_images, self.cfg.seed, self.progress)
+                generic = generic_dataset(self.workdir, self.cfg.vae_generic_images, self.cfg.seed, self.progress,
+                                          self.cfg.render_workers)
             self.train_vae(images, generic)
             mean, std = self.encode_latents(images)
             self.train_decoder(images, mean, std)

@@ -176,21 +176,30 @@ def compile_results(ctx, variants: Sequence, n_runs: int, results: Mapping[tuple
 
 
 def format_summary(results: Mapping[str, Any]) -> str:
-    """The summary table as plain text (what the CLI prints at the end)."""
-    cols = [("A_MMD", 3), ("BwT_MMD", 3), ("plasticity_MMD", 3), ("KID", 3), ("I2I", 3), ("DC_acc", 3)]
+    """The summary table as plain text (what the CLI prints at the end): mean ± the 95% t-interval
+    half-width over seeds, one value for a single seed."""
+    from conceptstream.evaluation.matrices import summary_ci95
+
+    cols = [("A_MMD", 3), ("BwT_MMD", 3), ("plasticity_MMD", 3), ("KID", 3), ("I2I", 3), ("DC_acc", 3),
+            ("DC_acc_own_class", 3)]
     width = max([len("method")] + [len(k) for k in results.get("summary", {})])
     lines = [f"{'method':<{width}}  " + "  ".join(f"{c:>17}" for c, _ in cols)]
+    seeds = set()
     for label, summ in results.get("summary", {}).items():
         cells = []
         for key, nd in cols:
             agg = summ.get(key) or {}
+            half = summary_ci95(agg) if agg.get("mean") is not None else None
             if agg.get("mean") is None:
                 cells.append(f"{'n/a':>17}")
-            elif (agg.get("n") or 0) > 1:
-                cells.append(f"{agg['mean']:>8.{nd}f} ± {agg['std']:<6.{nd}f}")
+            elif half is not None:
+                seeds.add(agg["n"])
+                cells.append(f"{agg['mean']:>8.{nd}f} ± {half:<6.{nd}f}")
             else:
                 cells.append(f"{agg['mean']:>17.{nd}f}")
         lines.append(f"{label:<{width}}  " + "  ".join(cells))
+    if seeds:
+        lines.append(f"± : half-width of the 95% t-interval of the mean over {'/'.join(map(str, sorted(seeds)))} seeds")
     for f in results.get("failed", []):
         lines.append(f"FAILED {f['label']} seed {f['seed']}: {f['error']}")
     return "\n".join(lines)
