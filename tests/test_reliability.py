@@ -197,6 +197,26 @@ def test_resume_continues_an_interrupted_task_exactly(tmp_path, model, images, m
     assert not (tmp_path / "B" / store_mod.CHECKPOINT_DIR).exists()
 
 
+def test_resume_continues_an_interrupted_sdxl_task_exactly(tmp_path, sdxl_model_path, images, monkeypatch):
+    """The same on SDXL: the checkpoint holds the new token's rows of both text encoders and the adapter."""
+    first = tmp_path / "first"
+    api.learn(first, write_images(tmp_path / "a", 2, 0), token="<a>", noun="dog", method="lora",
+              model=str(sdxl_model_path), steps=1, checkpoint_every=0, progress=False)
+    shutil.copytree(first, tmp_path / "A")
+    shutil.copytree(first, tmp_path / "B")
+    kw = dict(model=str(sdxl_model_path), steps=5, checkpoint_every=2, progress=False)
+    api.learn(tmp_path / "A", images, token="<b>", noun="cat", **kw)
+    original = interrupt_after_checkpoint(monkeypatch, step=4)
+    with pytest.raises(KeyboardInterrupt):
+        api.learn(tmp_path / "B", images, token="<b>", noun="cat", **kw)
+    monkeypatch.setattr(StateStore, "save_checkpoint", original)
+    report = api.learn(tmp_path / "B", images, resume=True, **kw)
+    assert [log["step"] for log in report.logs if "step" in log] == [4]
+    assert_same_tensors(tmp_path / "A", tmp_path / "B")
+    pipe = api.open_stream(tmp_path / "B").pipe
+    assert pipe.tokenizer_2.convert_tokens_to_ids("<b>") != pipe.tokenizer_2.unk_token_id
+
+
 def test_first_task_checkpoint_resume_discard_and_refusals(tmp_path, model, images, monkeypatch, capsys):
     """An interrupted first task (default method ewc-dc): refusals, --resume and --discard-checkpoint."""
     kw = dict(model=str(model), steps=4, checkpoint_every=2, progress=False,

@@ -162,3 +162,52 @@ def test_quick_bench_runs_on_sdxl(tmp_path, sdxl_model_path):
     assert len(run["dc"]["confusion"]) == 2 and len(run["dc"]["confusion"][0]) == 4  # 2 concepts + 2 nouns
     assert len(run["dc"]["own_class"]["confusion"][0]) == 3  # c_0 + 2 concepts
     assert json.loads((out / "results.json").read_text())["complete"] is True
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_vera_export_round_trip_through_peft_reproduces_generate(tmp_path, random_model_path, sdxl_model_path,
+                                                                 concept_dirs, family):
+    """A VeRA stream exports peft's format (OUT/unet_vera) + the token embeddings; a stock pipeline with
+    ``PeftModel.from_pretrained(pipe.unet, OUT/unet_vera)`` and the embeddings draws what generate draws."""
+    from diffusers import StableDiffusionPipeline
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model = sdxl_model_path if family == "sdxl" else random_model_path
+    state = tmp_path / "state"
+    # a large rate, so that 3 steps move VeRA's scaling vectors (lambda_b starts at 0) visibly
+    api.learn(state, concept_dirs[0], method="lora", adapter="vera", model=str(model), steps=3, progress=False,
+              hparams={"lr": 1.0})
+    stream = api.open_stream(state)
+    out = tmp_path / "export"
+    api.export(state, out)
+    assert (out / "unet_vera" / "adapter_config.json").is_file()
+    prompt = f"a photo of a {stream.tokens[0]} {read_concept(concept_dirs[0]).noun}"
+    ours = stream.generate(prompt, n=1, seed=3, steps=3, guidance=5.0, progress=False)
+
+    if family == "sdxl":
+        pipe = _stock_pipeline(model)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
+    for t in json.loads((out / "export.json").read_text())["tokens"]:
+        if family == "sdxl":
+            f = load_file(str(out / t["file"]))
+            pipe.load_textual_inversion(f["clip_l"], token=t["token"], text_encoder=pipe.text_encoder,
+                                        tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(f["clip_g"], token=t["token"], text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
+        else:
+            pipe.load_textual_inversion(str(out / t["file"]))
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw():
+        image = pipe([prompt], num_inference_steps=3, guidance_scale=5.0,
+                     generator=[torch.Generator().manual_seed(3)]).images[0]
+        return np.asarray(image, dtype=np.int16)
+
+    without_adapter = draw()
+    pipe.unet = PeftModel.from_pretrained(pipe.unet, str(out / "unet_vera"))
+    a, b = np.asarray(ours[0], dtype=np.int16), draw()
+    assert a.std() > 5, "generate drew a blank image"
+    assert np.abs(a - b).max() <= 2, "the exported VeRA stream does not reproduce generate"
+    assert np.abs(a - without_adapter).max() > 2, "the VeRA adapter changed nothing: the check would be empty"
