@@ -19,7 +19,6 @@ from conceptstream.adapters.registry import AdapterSpec, adapter_default_rank
 from conceptstream.distributed import check_device, default_device, is_main_process
 from conceptstream.engine import (
     DEFAULT_CHECKPOINT_EVERY,
-    DEFAULT_STEPS,
     ConceptStream,
     StreamSettings,
     TaskReport,
@@ -98,7 +97,8 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
     (trained values, optimizer and RNG state; never images or latents). An interrupted task is continued
     with ``resume=True`` from the same images (the token, noun, steps and seed come from the checkpoint)
     or dropped with ``discard_checkpoint=True``; a plain call while a checkpoint is pending is refused,
-    so progress is never thrown away silently. ``steps``/``seed`` default to 200/0 for a new task.
+    so progress is never thrown away silently. ``steps``/``seed`` default to the method's
+``default_steps`` (200 for every built-in method)/0 for a new task.
 
     The call that creates the stream also fixes its adapter's initialisation (LoRA's A, VeRA's shared
     projections) from ``adapter_seed``, by default this first task's ``seed``: bench seed k, whose first
@@ -148,7 +148,6 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
                     raise UserInputError(f"the interrupted task was learning from {info.get('images')} images but "
                                          f"{n_images} were given; resume with the same images or start over with "
                                          "--discard-checkpoint")
-            steps = DEFAULT_STEPS if steps is None else steps
             seed = 0 if seed is None else seed
             if store.exists() and token in {c["token"] for c in store.read_manifest()["concepts"]}:
                 raise UserInputError(f"token {token!r} is already in this stream; pick a new token for a new concept")
@@ -158,6 +157,7 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
             else:
                 stream = _stream_to_learn(store, method, model, seed, adapter, rank, targets, adapter_seed, hparams, dc,
                                           device)
+            steps = stream.method.default_steps if steps is None else steps
             if paths is not None:
                 from conceptstream.concepts.images import load_images
 
@@ -221,7 +221,7 @@ def learn_joint(state: str | Path, concepts: list[str | Path], method: str = "lo
             stream = _stream_to_learn(store, method, model, seed, adapter, rank, targets, adapter_seed, hparams, None,
                                       device)
             items = [(load_images(paths, stream.resolution), token, noun) for paths, token, noun in resolved]
-            report = stream.learn_joint(items, steps=steps or DEFAULT_STEPS * len(items), seed=seed,
+            report = stream.learn_joint(items, steps=steps or stream.method.default_steps * len(items), seed=seed,
                                         progress=progress)
             store.commit(stream.manifest, stream.state_tensors())
     finally:

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="method setting, e.g. --set ewc_lambda=100 (first call only)")
     lp.add_argument("--model", default=None,
                     help=MODEL_HELP + "; later calls default to the state's own and refuse another model")
-    lp.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
+    lp.add_argument("--steps", type=int, default=None,
+                    help="training steps (default: the method's own, 200 for every built-in method)")
     lp.add_argument("--seed", type=int, default=None,
                     help="training seed (default 0); on a new stream it also seeds the adapter's initialisation")
     lp.add_argument("--device", default=None, help=DEVICE_HELP)
@@ -178,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dp = sub.add_parser("demo", help="learn a 3-concept tabletop stream with ewc-dc and write grids + a report")
     dp.add_argument("--out", default="out/demo", help="folder for data, state, grids and report.md (default %(default)s)")
-    dp.add_argument("--steps", type=int, default=None, help="training steps per concept (default 200)")
+    dp.add_argument("--steps", type=int, default=None,
+                    help="training steps per concept (default: the method's own, 200 for every built-in method)")
     dp.add_argument("--method", default="ewc-dc", help="continual method (default %(default)s)")
 
     sp = sub.add_parser("bench-speed", help="time, memory and state size of every method as ratios (vs lora, vs the "

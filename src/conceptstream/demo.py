@@ -16,8 +16,8 @@ from PIL import Image
 def run_demo(out: str | Path = "out/demo", steps: int | None = None, method: str = "ewc-dc",
              sequence: str = "tabletop-3", samples: int = 4, progress: bool = True) -> Path:
     from conceptstream import api
-    from conceptstream.engine import DEFAULT_STEPS
     from conceptstream.imaging import make_grid
+    from conceptstream.methods.registry import default_steps
     from conceptstream.world.catalogue import get_sequence
     from conceptstream.world.folders import export_sequence
 
@@ -28,7 +28,7 @@ def run_demo(out: str | Path = "out/demo", steps: int | None = None, method: str
     out.mkdir(parents=True, exist_ok=True)
     print(f"rendering {sequence} concept folders into {out / 'data'}")
     folders = export_sequence(get_sequence(sequence), out / "data", train_views=12, eval_views=4, progress=progress)
-    steps = steps or DEFAULT_STEPS
+    steps = steps or default_steps(method)
     rows = []
     t_start = time.time()
     for n, folder in enumerate(folders):

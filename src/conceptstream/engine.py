@@ -35,7 +35,6 @@ from conceptstream.models.tokens import (
 from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
 from conceptstream.system import library_versions, utc_now
 
-DEFAULT_STEPS = 200
 DEFAULT_CHECKPOINT_EVERY = 50  # in-task checkpoint interval of `learn` (0 disables checkpoints)
 CHECKPOINT_KIND = "conceptstream-learn-task"
 
@@ -260,7 +259,7 @@ class ConceptStream:
         sf = vae.config.scaling_factor
         return torch.cat(means).float().cpu() * sf, torch.cat(stds).float().cpu() * sf
 
-    def learn(self, images: list[Image.Image], token: str, noun: str, steps: int = DEFAULT_STEPS, seed: int = 0,
+    def learn(self, images: list[Image.Image], token: str, noun: str, steps: int | None = None, seed: int = 0,
               progress: bool = True, on_step=None, checkpoint_every: int = 0, on_checkpoint=None,
               resume: tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None = None,
               mixed_precision: str = "no", gradient_checkpointing: bool = False) -> TaskReport:
@@ -276,17 +275,20 @@ class ConceptStream:
         Under ``accelerate launch`` each process draws its own batches and gradients are averaged across
         processes every step (data parallelism); the Fisher and DSC consolidation run per process and the
         caller commits the main process's result. Fisher estimation and consolidation run in full precision.
+        ``steps`` None: the method's ``default_steps``.
         """
+        steps = self.method.default_steps if steps is None else steps
         return self._learn([(images, token, noun)], steps, seed, progress, on_step, checkpoint_every, on_checkpoint,
                            resume, mixed_precision, gradient_checkpointing)
 
-    def learn_joint(self, concepts: list[tuple[list[Image.Image], str, str]], steps: int = DEFAULT_STEPS,
+    def learn_joint(self, concepts: list[tuple[list[Image.Image], str, str]], steps: int | None = None,
                     seed: int = 0, progress: bool = True, mixed_precision: str = "no",
                     gradient_checkpointing: bool = False) -> TaskReport:
         """Learn several concepts at once, ``(images, token, noun)`` each, in one task of ``steps`` steps: every
         minibatch draws from all their images, each image captioned with its own token (the *joint* reference
         bound of the bench, not continual learning). Only methods with ``supports_joint`` (``lora``), and SD
-        1.x/2.x pipelines; no in-task checkpoints. The report's ``token`` lists the tokens."""
+        1.x/2.x pipelines; no in-task checkpoints. The report's ``token`` lists the tokens. ``steps`` None: the
+        method's ``default_steps`` per concept."""
         if not self.method.supports_joint:
             raise UserInputError(f"method {self.settings.method!r} learns one concept per task; joint learning of "
                                  "several concepts at once takes --method lora")
@@ -296,6 +298,7 @@ class ConceptStream:
         if not concepts:
             raise UserInputError("no concepts given to learn jointly")
         tokens = [t for _, t, _ in concepts]
+        steps = self.method.default_steps * len(concepts) if steps is None else steps
         if len(set(tokens)) != len(tokens):
             raise UserInputError(f"joint learning got a token twice ({', '.join(tokens)}); each concept needs its own")
         return self._learn(concepts, steps, seed, progress, None, 0, None, None, mixed_precision,

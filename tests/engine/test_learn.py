@@ -119,3 +119,22 @@ def test_mixed_precision_and_gradient_checkpointing_train(tmp_path, random_model
     # accelerate keeps one precision per process; a later task in another precision still runs
     api.learn(state, concept_dirs[1], **{**kwargs, "mixed_precision": "no"})
     assert [c["mixed_precision"] for c in api.open_stream(state).manifest["concepts"]] == [precision, "no"]
+
+
+def test_a_method_with_its_own_step_budget_learns_that_many_steps_unless_told(tmp_path, random_model_path,
+                                                                              concept_dirs, monkeypatch):
+    """``ContinualMethod.default_steps``: learn (and every bench run of the method) takes it when no
+    --steps is given; an explicit --steps wins."""
+    from conceptstream.evaluation.variants import Variant
+    from conceptstream.methods.registry import get_method
+
+    monkeypatch.setattr(get_method("textual-inversion"), "default_steps", 3)
+    state = tmp_path / "state"
+    report = api.learn(state, concept_dirs[0], method="textual-inversion", model=str(random_model_path),
+                       progress=False)
+    assert report.steps == 3
+    assert api.learn(state, concept_dirs[1], model=str(random_model_path), steps=2, progress=False).steps == 2
+    assert [c["steps"] for c in api.info(state)["concepts"]] == [3, 2]
+    assert Variant("textual-inversion", None).task_steps(None) == 3
+    assert Variant("textual-inversion", None).task_steps(5) == 5
+    assert Variant("lora", "lora").task_steps(None) == 200

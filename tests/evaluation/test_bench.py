@@ -302,7 +302,8 @@ def test_quick_values_apply_only_to_options_not_given(tmp_path):
     assert (s.ddim_steps, s.images_per_prompt, s.seeds, s.contexts, s.max_concepts) == (7, 2, [0], (), 2)
     assert s.methods == ["lora", "dsc"] and s.hparams == {"dsc_iters": 2} and s.steps == 3
     full = resolve_settings(tmp_path, {})
-    assert (full.ddim_steps, full.seeds, full.steps, full.model, full.keep_going) == (30, [0, 1, 2], 200, "tiny", True)
+    # steps None: each method's own default_steps (Variant.task_steps)
+    assert (full.ddim_steps, full.seeds, full.steps, full.model, full.keep_going) == (30, [0, 1, 2], None, "tiny", True)
     assert full.contexts == ("on grass", "on a wooden table") and len(full.methods) == 8
     with pytest.raises(TypeError, match="no_such_option"):
         resolve_settings(tmp_path, {"no_such_option": 1})

@@ -410,12 +410,17 @@ def _settings_lines(doc: Mapping[str, Any]) -> list[str]:
     concepts = ", ".join(f"`{c['token']}` ({c['noun']}, {c['train_images']} train"
                          + (f" / {c['val_images']} val" if c.get("val_images") else "")
                          + f" / {c['eval_images']} test)" for c in s["concepts"])
+    per_task = s.get("steps_per_task") or {}
+    if len(set(per_task.values())) > 1:  # methods with their own default budgets
+        steps = ", ".join(f"`{label}` {n}" for label, n in per_task.items()) + " steps per task"
+    else:
+        steps = f"{s['steps'] or next(iter(per_task.values()), 'default')} steps per task"
     lines = [
         f"- **Sequence**: `{s['sequence']}`, {len(s['concepts'])} concepts: {concepts}",
         f"- **Split**: every score is against the **{s.get('split', 'test')}** views"
         + (" (validation: for tuning, not for publication)" if s.get("split") == "val" else ""),
         f"- **Model**: `{s['model']['reference']}` (fingerprint `{s['model']['fingerprint']}`); adapter "
-        f"`{s['adapter']}`" + (f" rank {s['rank']}" if s.get("rank") else "") + f"; {s['steps']} steps per task; "
+        f"`{s['adapter']}`" + (f" rank {s['rank']}" if s.get("rank") else "") + f"; {steps}; "
         f"seeds {s['seeds']}" + ("; **quick mode**" if s.get("quick") else ""),
         f"- **Generation**: {g['images_per_concept']} images per concept ({g['images_per_prompt']} per prompt; "
         f"prompt `a photo of a <token> NOUN`"

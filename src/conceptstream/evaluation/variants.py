@@ -124,6 +124,12 @@ class Variant:
         adapter = f"-{self.adapter}" if self.adapter not in (None, "lora") else ""
         return f"{self.bound or self.method}{adapter}{self.sweep_suffix}"
 
+    def task_steps(self, steps: int | None) -> int:
+        """Training steps of one task: the bench's ``steps`` when given, else the method's ``default_steps``."""
+        from conceptstream.methods.registry import default_steps
+
+        return steps if steps is not None else default_steps(self.method)
+
     @property
     def dirname(self) -> str:
         """``<method>[-<adapter>][_key=value...]`` with file-name-safe characters only."""

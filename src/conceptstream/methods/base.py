@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptstream.adapters.registry import adapter_parameters
-from conceptstream.methods.config import SettingSpec, TrainConfig, setting_specs
+from conceptstream.methods.config import DEFAULT_STEPS, SettingSpec, TrainConfig, setting_specs
 from conceptstream.models.conditioning import Cond, stack, unet_forward
 from conceptstream.scoring.dc import DiffusionClassifier, candidate_subset
 
@@ -145,6 +145,9 @@ class ContinualMethod:
     # Whether the method can learn several concepts in one task (engine.learn_joint): its loss is the
     # plain denoising loss on ``sample_latents`` draws and nothing in it refers to ``ctx.current`` alone.
     supports_joint: ClassVar[bool] = False
+    # Training steps of one task when the caller gives none (learn, the bench): a method that needs
+    # another budget to learn at all (docs/DEFAULTS.md) sets its own.
+    default_steps: ClassVar[int] = DEFAULT_STEPS
 
     def __init__(self, **hparams: Any) -> None:
         """Settings are the configs' defaults updated by ``hparams``. Only the names are checked here:

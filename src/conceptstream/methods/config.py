@@ -25,6 +25,8 @@ from conceptstream.errors import UserInputError
 DEFAULTS_DOC = "docs/DEFAULTS.md"
 TABLE = f"{DEFAULTS_DOC}#method-defaults-and-the-evidence-behind-them"  # the table of every default
 SWEEPS = f"{DEFAULTS_DOC}#sweeps-on-tabletop-6-one-seed"
+# Training steps of one task when the caller gives none; a method may set its own (ContinualMethod.default_steps).
+DEFAULT_STEPS = 200
 
 
 def setting(default: Any, help: str, doc: str = TABLE, *, ge: float | None = None, gt: float | None = None,

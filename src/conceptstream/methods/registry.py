@@ -67,6 +67,11 @@ def adapter_kind_for(name: str, requested: str) -> str:
     return fixed_adapter(name) or requested
 
 
+def default_steps(name: str) -> int:
+    """Training steps of one task of ``name`` when the caller gives none."""
+    return get_method(name).default_steps
+
+
 def method_names() -> list[str]:
     _load_builtin()
     return list(METHODS)

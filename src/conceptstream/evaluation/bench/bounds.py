@@ -120,7 +120,7 @@ class JointRun(BenchRun):
                                  "recompute this run")
             if not learned:
                 t0 = time.time()
-                steps = s.steps * len(concepts)
+                steps = self.variant.task_steps(s.steps) * len(concepts)
                 report = api.learn_joint(self.state, [c.path for c in concepts], method=self.variant.method,
                                          model=s.model, steps=steps, seed=learn_seed(self.seed, 0),
                                          adapter=self.variant.adapter, rank=s.rank, targets=s.targets,

@@ -31,7 +31,7 @@ BENCH_OPTIONS: tuple[Option, ...] = (
     Option("adapter", "adapter of the adapter methods (c-lora always runs on lora)", default="lora",
            choices=adapter_choices(), check="variant"),
     Option("seeds", "number of seeds", default=3, quick=1, type=int, check="seed"),
-    Option("steps", "training steps per task", shown_default="learn's default", quick=3, type=int, check="run",
+    Option("steps", "training steps per task", shown_default="each method's default_steps", quick=3, type=int, check="run",
            minimum=1),
     Option("quick", "CI-sized: 2 concepts, few steps, 2 images, 1 seed; options given explicitly win",
            default=False, action="store_true"),

@@ -192,7 +192,8 @@ class BenchRun:
         s, c = self.ctx.settings, self.ctx.data.concepts[n]
         first = self.creates_state(n)
         t0 = time.time()
-        report = api.learn(self.state_for(n), c.path, method=self.variant.method, model=s.model, steps=s.steps,
+        report = api.learn(self.state_for(n), c.path, method=self.variant.method, model=s.model,
+                           steps=self.variant.task_steps(s.steps),
                            seed=learn_seed(self.seed, n), adapter=self.variant.adapter if first else None,
                            rank=s.rank if first else None, targets=s.targets if first else None,
                            hparams=(self.hparams() or None) if first else None,
@@ -316,8 +317,8 @@ class BenchRun:
             return {}
         info = checkpoint[1]
         c = self.ctx.data.concepts[n]
-        if (info.get("token"), info.get("steps"), info.get("seed")) == (c.token, self.ctx.settings.steps,
-                                                                        learn_seed(self.seed, n)):
+        steps = self.variant.task_steps(self.ctx.settings.steps)
+        if (info.get("token"), info.get("steps"), info.get("seed")) == (c.token, steps, learn_seed(self.seed, n)):
             self.ctx.log(f"{self.prefix}: task {n + 1} continues from its checkpoint at step {info.get('step')}")
             return {"resume": True}
         return {"discard_checkpoint": True}

@@ -46,10 +46,7 @@ def resolve_settings(out: str | Path, given: Mapping[str, Any]) -> Any:
     values["hparams"] = _fixed_hparams(values["hparams"], quick)
     _check_known(values["methods"], values["hparams"], values["sweep"])
     values["seeds"] = _seeds(values["seeds"])
-    if values["steps"] is None:
-        from conceptstream.engine import DEFAULT_STEPS
-
-        values["steps"] = DEFAULT_STEPS
+    # steps None: each method's own default (ContinualMethod.default_steps; Variant.steps resolves it)
     if values["model"] is None:
         from conceptstream.models.loading import BUNDLED
 
@@ -57,7 +54,8 @@ def resolve_settings(out: str | Path, given: Mapping[str, Any]) -> Any:
     values["model"] = str(values["model"])
     values["sequence"] = str(values["sequence"])
     values["contexts"] = tuple(values["contexts"])
-    for name in ("steps", "images_per_prompt", "ddim_steps", "gen_seed", "train_views", "val_views", "eval_views",
+    values["steps"] = None if values["steps"] is None else int(values["steps"])
+    for name in ("images_per_prompt", "ddim_steps", "gen_seed", "train_views", "val_views", "eval_views",
                  "dc_eval_timesteps", "dc_batch_size", "multi_pairs", "eval_every"):
         values[name] = int(values[name])
     values["guidance"] = float(values["guidance"])
