@@ -8,7 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "bundled_model", "learn", "generate", "info", "export", "open_stream", "bench"]
+__all__ = ["__version__", "bundled_model", "learn", "learn_joint", "generate", "info", "export", "open_stream", "bench",
+           "merge_bench"]
 
 
 def bundled_model():
@@ -20,7 +21,7 @@ def bundled_model():
 
 def __getattr__(name: str):
     # Lazy: `import conceptstream` stays fast and torch-free until a verb is used.
-    if name in ("learn", "generate", "info", "export", "open_stream"):
+    if name in ("learn", "learn_joint", "generate", "info", "export", "open_stream"):
         from conceptstream import api
 
         return getattr(api, name)
@@ -28,4 +29,8 @@ def __getattr__(name: str):
         from conceptstream.evaluation.bench import run_bench
 
         return run_bench
+    if name == "merge_bench":  # combine `bench --shard K/N` outputs into one results.json and report
+        from conceptstream.evaluation.bench.merge import merge_bench
+
+        return merge_bench
     raise AttributeError(name)

@@ -49,7 +49,9 @@ def benches(random_model_path, tmp_path_factory) -> dict[str, Path]:
     _bench(dirs["single"], random_model_path)
     _bench(dirs["1"], random_model_path, shard="1/2")
     _bench(dirs["2"], random_model_path, shard=(2, 2))
-    merge_bench([dirs["1"], dirs["2"]], dirs["merged"], log=lambda line: None)
+    import conceptstream
+
+    conceptstream.merge_bench([dirs["1"], dirs["2"]], dirs["merged"], log=lambda line: None)  # the top-level name
     return dirs
 
 
