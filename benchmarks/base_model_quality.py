@@ -217,6 +217,26 @@ def _render_views(args):
     return views["train"], views["eval"]
 
 
+def concept_centroids(args, train: np.ndarray, extractor) -> dict[str, torch.Tensor]:
+    """Each concept's centroid ``[C, D]`` of its training views ``train`` (uint8 ``[C, V, 64, 64, 3]``) in
+    every feature space (EfficientNet-Lite0 and the two pixel spaces); cached in ``args.cache``."""
+    from PIL import Image
+
+    n_concepts = train.shape[0]
+    feat_cache = Path(args.cache) / f"train-features-{args.sequence}-t{args.train_views}.pt" if args.cache else None
+    if feat_cache is not None and feat_cache.is_file():
+        spaces = torch.load(feat_cache, weights_only=True)
+    else:
+        train_ims = [Image.fromarray(a) for a in train.reshape(-1, *train.shape[-3:])]
+        spaces = {"efficientnet_lite0": extractor(train_ims), **_pixel_spaces(train_ims)}
+        if feat_cache is not None:  # written atomically: several measurements may share the cache
+            feat_cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = feat_cache.with_suffix(f".{time.time_ns()}.tmp")
+            torch.save(spaces, tmp)
+            tmp.replace(feat_cache)
+    return {k: f.view(n_concepts, -1, f.shape[-1]).mean(1) for k, f in spaces.items()}
+
+
 def codec(args, argv=None) -> dict:
     """Nearest-concept accuracy of held-out concept views after resampling and VAE round trips."""
     from PIL import Image
@@ -229,17 +249,7 @@ def codec(args, argv=None) -> dict:
     labels = torch.arange(n_concepts).repeat_interleave(held.shape[1])
     to_pil = lambda arr: [Image.fromarray(a) for a in arr.reshape(-1, *arr.shape[-3:])]  # noqa: E731
     extractor = EfficientNetLite0Features()
-    train_ims = to_pil(train)
-    feat_cache = Path(args.cache) / f"train-features-{args.sequence}-t{args.train_views}.pt" if args.cache else None
-    if feat_cache is not None and feat_cache.is_file():
-        spaces = torch.load(feat_cache, weights_only=True)
-    else:
-        spaces = {"efficientnet_lite0": extractor(train_ims), **_pixel_spaces(train_ims)}
-        if feat_cache is not None:  # written atomically: several measurements may share the cache
-            tmp = feat_cache.with_suffix(f".{time.time_ns()}.tmp")
-            torch.save(spaces, tmp)
-            tmp.replace(feat_cache)
-    centroids = {k: f.view(n_concepts, -1, f.shape[-1]).mean(1) for k, f in spaces.items()}
+    centroids = concept_centroids(args, train, extractor)
 
     def score(images: list) -> dict:
         feats = {"efficientnet_lite0": extractor(images), **_pixel_spaces(images)}

@@ -281,3 +281,32 @@ def test_train_base_refuses_a_device_torch_cannot_use_in_one_line(tmp_path, caps
     assert rc != 0
     assert message in assert_one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "w" / "data").exists()  # refused before any rendering
+
+
+def test_concepts_alone_benchmark_learns_each_concept_alone_and_scores_it_among_the_candidates(
+        tmp_path, random_model_path):
+    """benchmarks/concepts_alone.py (goal 3): per budget, each concept learned alone, its images assigned
+    among the candidates' centroids; nothing of a concept is left on disk."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import concepts_alone
+
+    before = set(Path(tempfile.gettempdir()).glob("conceptstream-alone-*"))
+    out = tmp_path / "alone.json"
+    result = concepts_alone.main(["--model", str(random_model_path), "--sequence", "tabletop-3", "--against",
+                                  "tabletop-6", "--steps", "1,2", "--images", "2", "--train-views", "2",
+                                  "--sampler-steps", "2", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    assert set(result["budgets"]) == {"1", "2"}
+    for row in result["budgets"].values():
+        assert len(row["per_concept"]) == 3 and 0 <= row["mean_accuracy"] <= 1
+        for r in row["per_concept"].values():  # every image is either a hit or a confusion
+            assert round(r["accuracy"] * 2) + sum(r["confused_with"].values()) == 2
+    assert result["protocol"]["chance"] == 1 / 6
+    assert str(tmp_path) not in out.read_text()  # no machine paths
+    assert set(Path(tempfile.gettempdir()).glob("conceptstream-alone-*")) == before  # the work folder is gone
+    with pytest.raises(SystemExit, match="not in tabletop-3"):
+        concepts_alone.main(["--sequence", "tabletop-6", "--against", "tabletop-3"])
