@@ -11,13 +11,14 @@
 #   t6-v2    tabletop-6 test, LoRA, all methods + single-task + joint, 5 seeds
 #   t6-vera-v2, t6b-v2, t10-v2, t50-v2   VeRA (3 seeds), tabletop-6b (independent; never tuned on;
 #            3 seeds), tabletop-10 (3 seeds), tabletop-50 (c-lora, ewc-dc; 2 seeds)
+#   t50-elim the final DC evaluation of a t50-v2 state, full and by successive elimination, side by side
 # v1 (the committed v1 results; tuned on the views they report, see the README): the other stages.
 set -euo pipefail
 CS=${CS:-.venv/bin/conceptstream}
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench}
 MODEL=${MODEL:-tiny}
-STAGES=${STAGES:-"tune t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2"}
+STAGES=${STAGES:-"tune t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim"}
 FIVE="lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc"
 
 for stage in $STAGES; do
@@ -67,6 +68,11 @@ for stage in $STAGES; do
     t50-v2)
       $CS bench --model "$MODEL" --sequence tabletop-50 --split test --adapter lora --seeds 2 --eval-every 10 \
         --dc-elimination "${DC_ELIMINATION:-none}" --out "$OUT/v2-tabletop-50" --methods c-lora,ewc-dc ;;
+    t50-elim)  # issue 18 item 7: full vs successive-elimination DC classification, side by side, on the same
+               # t50-v2 state (its seed-0 ewc-dc run; the bench keeps each run's final state)
+      $PY benchmarks/dc_elimination.py --state "$OUT/v2-tabletop-50/runs/ewc-dc-lora/seed0/state" \
+        --data "$(ls -d "$OUT"/v2-tabletop-50/data/tabletop-50-* | head -1)" \
+        --out benchmarks/results/dc-elimination-tabletop-50.json ;;
     t6)
       $CS bench --sequence tabletop-6 --adapter lora --seeds 3 --out "$OUT/tabletop-6-lora" \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion ;;
