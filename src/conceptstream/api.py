@@ -97,8 +97,8 @@ def learn(state: str | Path, images: str | Path | list[Image.Image], token: str 
     (trained values, optimizer and RNG state; never images or latents). An interrupted task is continued
     with ``resume=True`` from the same images (the token, noun, steps and seed come from the checkpoint)
     or dropped with ``discard_checkpoint=True``; a plain call while a checkpoint is pending is refused,
-    so progress is never thrown away silently. ``steps``/``seed`` default to the method's
-``default_steps`` (200 for every built-in method)/0 for a new task.
+    so progress is never thrown away silently. ``steps`` defaults to the method's ``default_steps`` (200 for
+    every built-in method) and ``seed`` to 0 for a new task.
 
     The call that creates the stream also fixes its adapter's initialisation (LoRA's A, VeRA's shared
     projections) from ``adapter_seed``, by default this first task's ``seed``: bench seed k, whose first

@@ -73,6 +73,7 @@ def _render_all(fn, jobs: list, workers: int, desc: str, progress: bool) -> list
             return out
     finally:
         bar.close()
+        _PROCESS.pop("pictures", None)
         renderer = _PROCESS.pop("renderer", None)
         if renderer is not None:
             renderer.close()

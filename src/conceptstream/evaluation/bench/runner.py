@@ -96,8 +96,9 @@ class Bench:
         t0 = time.time()
         self.setup()
         s = self.s
+        steps = f"{s.steps} steps" if s.steps else "each method's default steps"
         self.log(f"[bench] {len(self.variants)} variant(s) x {len(s.seeds)} seed(s) on {len(self.ctx.data.concepts)} "
-                 f"concepts ({s.sequence}), {s.steps or 'each method''s default'} steps per task; output in {s.out}")
+                 f"concepts ({s.sequence}), {steps} per task; output in {s.out}")
         if s.shard is not None:
             self.log(f"[bench] shard {s.shard[0]}/{s.shard[1]}: {len(self.runs)} of the {self.total_runs} runs ("
                      + ", ".join(r.name for r in self.runs) + ")")

@@ -46,7 +46,7 @@ def resolve_settings(out: str | Path, given: Mapping[str, Any]) -> Any:
     values["hparams"] = _fixed_hparams(values["hparams"], quick)
     _check_known(values["methods"], values["hparams"], values["sweep"])
     values["seeds"] = _seeds(values["seeds"])
-    # steps None: each method's own default (ContinualMethod.default_steps; Variant.steps resolves it)
+    # steps None: each method's own default (ContinualMethod.default_steps; Variant.task_steps resolves it)
     if values["model"] is None:
         from conceptstream.models.loading import BUNDLED
 
