@@ -299,8 +299,7 @@ def codec(args, argv=None) -> dict:
                      "vae_round_trip": "encode -> posterior mean -> decode, clamped and rounded to uint8"},
         "results": rows, "vaes": vaes, "seconds": round(time.time() - t0, 1),
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "command": " ".join(["python benchmarks/base_model_quality.py",
-                             *[a if not a.startswith("/") else Path(a).name for a in (sys.argv[1:] if argv is None else argv)]]),
+        "command": command_line("base_model_quality.py", argv),
     }
     out = args.out
     if out == "benchmarks/results/base-model-quality.json":  # the generation benchmark's default
@@ -308,6 +307,13 @@ def codec(args, argv=None) -> dict:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces a run of ``benchmarks/<script>``, absolute paths cut to their names
+    (no machine paths in committed results)."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join([f"python benchmarks/{script}", *[Path(a).name if a.startswith("/") else a for a in args]])
 
 
 def _vae_step(ref: str) -> int | None:

@@ -22,7 +22,6 @@ import argparse
 import json
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="JSON to write")
     args = p.parse_args(argv)
 
-    from base_model_quality import _render_views, concept_centroids
+    from base_model_quality import _render_views, command_line, concept_centroids
 
     from conceptstream import api
     from conceptstream.evaluation.features import EfficientNetLite0Features
@@ -107,9 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model if args.model == "tiny" else Path(args.model).name,
         "budgets": rows, "seconds": round(time.time() - t0, 1),
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "command": " ".join(["python benchmarks/concepts_alone.py",
-                             *[a if not a.startswith("/") else Path(a).name
-                               for a in (sys.argv[1:] if argv is None else argv)]]),
+        "command": command_line("concepts_alone.py", argv),
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -277,13 +277,8 @@ def ci_half_width(std: float, n: int, level: float = CI_LEVEL) -> float | None:
 
 def summary_ci95(agg: Mapping[str, Any]) -> float | None:
     """The 95% t-interval half-width of a summary entry: stored, or from its std and n (older results)."""
-    def finite(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    if finite(agg.get("ci95")):
-        return agg["ci95"]
-    n = agg.get("n") or 0
-    return ci_half_width(agg["std"], n) if finite(agg.get("std")) and n > 1 else None
+    stored = _finite(agg.get("ci95"))
+    return stored if stored is not None else ci_half_width(agg.get("std"), agg.get("n") or 0)
 
 
 def _stats(values: list[float]) -> dict[str, float | int | None]:
