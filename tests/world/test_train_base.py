@@ -38,7 +38,9 @@ def test_train_resume_export_and_seed(tmp_path):
     assert seeded.state["unet_step"] == 3 and seeded.state["warm_start"] == 3
     assert seeded.state["wall_seconds"] >= info["wall_seconds"]  # the seeded run keeps the wall time so far
     out_b = seeded.run()
-    assert json.loads((out_b / "training.json").read_text())["unet_step"] == 5
+    info_b = json.loads((out_b / "training.json").read_text())
+    assert info_b["unet_step"] == 5 and info_b["unet_runs"] == [[0, 3], [3, 5]]
+    assert "Trained in 2 runs, steps 0..3 (planned to 3); 3..5 (planned to 5)" in (out_b / "README.md").read_text()
 
 
 def test_decoder_stage_keeps_the_encoder_and_latents(tmp_path):
@@ -310,3 +312,25 @@ def test_concepts_alone_benchmark_learns_each_concept_alone_and_scores_it_among_
     assert set(Path(tempfile.gettempdir()).glob("conceptstream-alone-*")) == before  # the work folder is gone
     with pytest.raises(SystemExit, match="not in tabletop-3"):
         concepts_alone.main(["--sequence", "tabletop-6", "--against", "tabletop-3"])
+
+
+def test_sigterm_while_rendering_stops_before_training(tmp_path, monkeypatch):
+    """A SIGTERM during the (minutes-long) render stops the run before the first training step."""
+    import os
+    import signal
+
+    import conceptstream.world.train_base as tb
+
+    real = tb.render_dataset
+
+    def render_then_terminate(*args, **kwargs):
+        out = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the trainer's handler, not the default one
+        return out
+
+    monkeypatch.setattr(tb, "render_dataset", render_then_terminate)
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, "t")
+    assert BaseTrainer(cfg, progress=False).run() is None
+    progress = json.loads((tmp_path / "t-work" / "progress.json").read_text())
+    assert (progress["vae_step"], progress["unet_step"]) == (0, 0)

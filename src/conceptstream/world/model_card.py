@@ -51,6 +51,14 @@ def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
     latent = f"{cfg.latent_channels}x{64 // down}x{64 // down}"
     unet = unet_config(cfg.latent_channels, down)
     blocks = ", ".join(f"{c} ({b.replace('2D', '')})" for c, b in zip(unet["block_out_channels"], unet["down_block_types"]))
+    runs = s.get("unet_runs") or [[0, cfg.unet_steps]]
+    restarts = ""
+    if len(runs) > 1:
+        spans = "; ".join(f"{a}..{runs[i + 1][0] if i + 1 < len(runs) else s.get('unet_step')}"
+                          f" (planned to {b if b is not None else 'an unrecorded length'})"
+                          for i, (a, b) in enumerate(runs))
+        restarts = (f"\n  Trained in {len(runs)} runs, steps {spans}: each later run started from the previous "
+                    "run's export with a fresh optimizer and its own schedule and warm-up over its planned steps.")
     machines = ", ".join(s.get("machines") or [platform.processor() or platform.machine()])
     generic = ""
     if getattr(cfg, "vae_generic_fraction", 0.0) > 0:
@@ -80,7 +88,7 @@ Personal-concept patterns (stripes, checks, dots, zigzag, halves) never appear i
 - UNet + text encoder: {s.get('unet_step')} of {cfg.unet_steps} planned steps, batch {cfg.batch_size},
   AdamW (lr {cfg.unet_lr} / {cfg.text_lr}, diffusers `{cfg.lr_scheduler}` schedule with {cfg.lr_warmup_steps} warm-up steps),
   min-SNR-{cfg.min_snr_gamma} weighting, caption dropout
-  {cfg.caption_dropout}, EMA {cfg.ema_decay} (the EMA weights are exported).
+  {cfg.caption_dropout}, EMA {cfg.ema_decay} (the EMA weights are exported).{restarts}
 - Wall time so far: {s.get('wall_seconds', 0) / 3600:.2f} h on {machines}
   (this stage {torch.get_num_threads()} CPU threads), torch {torch.__version__}, diffusers {diffusers.__version__},
   transformers {transformers.__version__}.

@@ -190,8 +190,12 @@ class BaseTrainer:
             weights.update({f"text.{k}": v for k, v in text.state_dict().items()})
             save_tensors_atomic(weights, self.workdir / "unet.safetensors")
             save_tensors_atomic(weights, self.workdir / "ema.safetensors")
+        # the UNet runs so far, each [first step, planned last step]; an export without it had one run
+        runs = info.get("unet_runs") or [[0, None]]
+        if info["unet_step"] > 0:
+            runs = [*runs, [info["unet_step"], self.cfg.unet_steps]]
         self.state.update({"vae_step": info["vae_step"], "decoder_step": info.get("decoder_step", 0),
-                           "unet_step": info["unet_step"],
+                           "unet_step": info["unet_step"], "unet_runs": runs,
                            "scaling_factor": info["scaling_factor"], "wall_seconds": info.get("wall_seconds", 0.0),
                            "seeded_from": str(folder), "warm_start": info["unet_step"]})
         self._wall0 = self.state["wall_seconds"]
@@ -483,8 +487,9 @@ class BaseTrainer:
             shutil.rmtree(tmp)
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_text_atomic(tmp / "README.md", self.model_card())
-        write_json_atomic(tmp / "training.json", {k: self.state.get(k) for k in
-                                                  ("vae_step", "decoder_step", "unet_step", "scaling_factor", "wall_seconds")})
+        write_json_atomic(tmp / "training.json", {**{k: self.state.get(k) for k in
+                                                     ("vae_step", "decoder_step", "unet_step", "scaling_factor",
+                                                      "wall_seconds")}, "unet_runs": self.unet_runs()})
         old = out.with_name(out.name + ".old")
         if out.exists():
             if old.exists():
@@ -495,8 +500,17 @@ class BaseTrainer:
             shutil.rmtree(old)
         return out
 
+    def unet_runs(self) -> list[list[int | None]]:
+        """``[first step, planned last step]`` of every UNet run since step 0: one run, or one per
+        ``--init-from`` restart (each with a fresh optimizer and its own schedule and warm-up)."""
+        runs = [list(r) for r in self.state.get("unet_runs") or [[0, None]]]
+        if "unet_runs" not in self.state and self.state.get("warm_start"):  # seeded before runs were recorded
+            runs = [[0, None], [self.state["warm_start"], None]]
+        runs[-1][1] = self.cfg.unet_steps
+        return runs
+
     def model_card(self) -> str:
-        return base_model_card(self.state, self.cfg, self.workdir)
+        return base_model_card({**self.state, "unet_runs": self.unet_runs()}, self.cfg, self.workdir)
 
     # -- driver --------------------------------------------------------------------------------
     def run(self) -> Path | None:
@@ -510,6 +524,8 @@ class BaseTrainer:
         try:
             images, captions = render_dataset(self.workdir, self.cfg.images_per_class, self.cfg.seed, self.progress,
                                               self.cfg.render_workers)
+            if self._stop_requested:  # a SIGTERM while rendering: stop before the first step
+                raise _Stop
             generic = None
             if self.cfg.vae_generic_fraction > 0 and self.state["vae_step"] < self.cfg.vae_steps:
                 from conceptstream.world.base_data import generic_dataset
