@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "concept's look (default %(default)s: renders only)")
     wt.add_argument("--vae-generic-images", type=int, default=6000,
                     help="how many generic VAE images to render into the work dir (default %(default)s)")
+    wt.add_argument("--unet-pattern-images", type=int, default=0,
+                    help="renders of base-class objects in concept patterns and colour pairs, captioned with both, "
+                         "added to the UNet's data; never a personal concept's look (default %(default)s: none)")
     wt.add_argument("--batch-size", type=int, default=32,
                     help="batch size of the VAE and UNet stages (default %(default)s)")
     wt.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpoint + export) after this")
@@ -315,7 +318,8 @@ def _world(args: argparse.Namespace) -> int:
                                  unet_steps=args.unet_steps, batch_size=args.batch_size, max_minutes=args.max_minutes,
                                  seed=args.seed, init_from=args.init_from, latent_channels=args.latent_channels,
                                  vae_downsample=args.vae_downsample, vae_generic_fraction=args.vae_generic_fraction,
-                                 vae_generic_images=args.vae_generic_images, device=args.device,
+                                 vae_generic_images=args.vae_generic_images,
+                                 unet_pattern_images=args.unet_pattern_images, device=args.device,
                                  render_workers=args.render_workers)
         out = BaseTrainer(cfg).run()
         print(f"exported model to {out}" if out else f"stopped early; resume with the same command ({args.workdir})")

@@ -231,6 +231,35 @@ def test_generic_vae_data_trains_and_never_takes_a_concept_look(tmp_path):
         BaseTrainer(_cfg(tmp_path, "i", vae_generic_fraction=1.5), progress=False)
 
 
+def test_patterned_unet_data_names_pattern_and_colours_and_never_takes_a_concept_look(tmp_path):
+    """--unet-pattern-images: objects in concept patterns, captioned with them; no (class, pattern, colour
+    pair) of a catalogue concept; every pattern appears; the UNet trains on renders + patterned images."""
+    from conceptstream.world.base_data import pattern_dataset, patterned_look
+    from conceptstream.world.catalogue import CONCEPTS, PATTERN_WORDS, PATTERNS
+
+    concept_looks = {(c.class_key, c.pattern, frozenset(c.colours)) for c in CONCEPTS}
+    looks = [patterned_look(i, 0) for i in range(2000)]
+    assert not [lk for lk in looks if (lk[0].key, lk[1], frozenset(lk[2])) in concept_looks]
+    assert {lk[1] for lk in looks} == set(PATTERNS) and all(lk[2][0] != lk[2][1] for lk in looks)
+    # a concept's pattern and colours do appear, on other classes: the concept is a new combination
+    c = CONCEPTS[0]
+    assert any(lk[1] == c.pattern and frozenset(lk[2]) == frozenset(c.colours) for lk in looks)
+
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, "p", decoder_steps=0, unet_steps=2, unet_pattern_images=4)
+    out = BaseTrainer(cfg, progress=False).run()
+    images, captions = pattern_dataset(tmp_path / "p-work", 4, 0, False)  # the cached set
+    assert images.shape == (4, 64, 64, 3) and images.std() > 0
+    for i, caption in enumerate(captions):
+        cls, pattern, pair, _ = patterned_look(i, 0)
+        assert caption.startswith("a photo of a") and f"{PATTERN_WORDS[pattern]} {cls.noun}" in caption
+        assert f"{pair[0]} and {pair[1]}" in caption or pair[0] not in caption
+    from conceptstream.safeio import load_tensors
+
+    assert len(load_tensors(tmp_path / "p-work" / "latents.safetensors")["mean"]) == 2 * 10 + 4
+    assert "also saw 4 renders of base-class objects painted in the concept patterns" in (out / "README.md").read_text()
+
+
 def test_codec_benchmark_on_a_work_dir(tmp_path):
     """benchmarks/base_model_quality.py --codec-only: reference rows plus a work dir's VAE round trip."""
     import sys

@@ -231,3 +231,52 @@ def _generic_image(job: tuple[int, int]) -> np.ndarray:
     texture = procedural_pattern(rng, 128, class_key=cls.key)
     stretch = tuple(float(s) for s in rng.uniform(0.8, 1.3, size=3))
     return np.asarray(_renderer().render_textured(cls, texture, i, seed, stretch=stretch))
+
+
+# -- patterned objects with pattern captions, for the UNet: never a personal concept's look --------
+
+def pattern_dataset(workdir: Path, n: int, seed: int, progress: bool = True,
+                    workers: int = 1) -> tuple[np.ndarray, list[str]]:
+    """``n`` renders of base-class objects painted in a concept pattern and two catalogue colours,
+    captioned with both (``TabletopRenderer.render_patterned``), cached in the work directory.
+
+    Each draws a class, a pattern and an ordered pair of distinct colours, redrawn while
+    :func:`is_concept_look` holds, and a random stretch; so no image shows a personal concept (its
+    class in its pattern and colour pair), while every pattern, colour pair and class appears in other
+    combinations: a concept becomes a new combination of attributes the model knows, as a user's object
+    is for Stable Diffusion. ``workers`` as in :func:`render_dataset` (the same images)."""
+    img_path = workdir / "data" / f"patterned-{n}-seed{seed}.npy"
+    cap_path = img_path.with_suffix(".json")
+    if img_path.exists() and cap_path.exists():
+        return np.load(img_path, allow_pickle=False), json.loads(cap_path.read_text())
+    rendered = _render_all(_patterned_render, [(i, seed) for i in range(n)], workers, "render patterned objects",
+                           progress)
+    images = np.stack([image for image, _ in rendered]) if n else np.zeros((0, 64, 64, 3), np.uint8)
+    _save_npy(img_path, images)
+    write_json_atomic(cap_path, [caption for _, caption in rendered])
+    return images, [caption for _, caption in rendered]
+
+
+def patterned_look(i: int, seed: int) -> tuple:
+    """The (class, pattern, colour pair, stretch) of the i-th patterned render: never a concept's look."""
+    from conceptstream.world.catalogue import COLOURS, PATTERNS
+    from conceptstream.world.render import stable_rng
+
+    rng = stable_rng("patterned-look", seed, i)
+    names = list(COLOURS)
+    while True:
+        cls = BASE_CLASSES[int(rng.integers(len(BASE_CLASSES)))]
+        pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+        a, b = rng.choice(len(names), size=2, replace=False)
+        pair = (names[int(a)], names[int(b)])
+        if not is_concept_look(cls.key, pattern, tuple(np.asarray(COLOURS[c]) for c in pair)):
+            break
+    stretch = tuple(float(x) for x in rng.uniform(0.8, 1.3, size=3))
+    return cls, pattern, pair, stretch
+
+
+def _patterned_render(job: tuple[int, int]) -> tuple[np.ndarray, str]:
+    i, seed = job
+    cls, pattern, pair, stretch = patterned_look(i, seed)
+    r = _renderer().render_patterned(cls, pattern, pair, i, seed, stretch=stretch)
+    return np.asarray(r.image), r.caption

@@ -62,8 +62,13 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 # Background name used in captions -> how it is drawn (see render.py).
 BACKGROUNDS: tuple[str, ...] = ("grass", "gravel", "bricks", "a wooden table", "a white table", "a blue cloth")
 
-# Patterns reserved for personal concepts; base training never draws them.
+# The patterns of personal concepts. Base training never draws a concept's look (its class, pattern and
+# colour pair); by default it draws no pattern at all (see base_data.pattern_dataset for the option).
 PATTERNS: tuple[str, ...] = ("stripes", "checks", "dots", "zigzag", "halves")
+# How a caption names each pattern ("a photo of a red and white striped mug"): used only by the
+# optional patterned base data (``base_data.pattern_dataset``), never for a concept's own look.
+PATTERN_WORDS: dict[str, str] = {"stripes": "striped", "checks": "checkered", "dots": "polka-dot",
+                                 "zigzag": "zigzag", "halves": "two-tone"}
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,14 @@ def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
         generic = (f"\nThe VAE alone also saw {cfg.vae_generic_images} generic images ({cfg.vae_generic_fraction:.0%} of "
                    "each batch): random-colour procedural patterns, scikit-image photo and texture crops, and objects "
                    "painted with such patterns, never in a personal concept's (class, pattern, colour pair) look; "
-                   "the UNet and text encoder train on the renders only.")
+                   "the UNet and text encoder never see them.")
+    n_pat = getattr(cfg, "unet_pattern_images", 0)
+    patterns = "Personal-concept patterns (stripes, checks, dots, zigzag, halves) never appear in this data."
+    if n_pat > 0:
+        patterns = (f"The UNet and text encoder also saw {n_pat} renders of base-class objects painted in the concept "
+                    "patterns (stripes, checks, dots, zigzag, halves) and two catalogue colours, captioned with both "
+                    "(\"a photo of a red and white striped mug\"), never in a personal concept's (class, pattern, "
+                    "colour pair): a concept is a new combination of attributes the model knows, plus its own shape.")
     return f"""# conceptstream tiny-sd (bundled base model)
 
 A Stable-Diffusion-format text-to-image model small enough to train and run on a 2-core CPU.
@@ -81,7 +88,7 @@ It loads with stock `diffusers.StableDiffusionPipeline.from_pretrained(path)`.
 ## Training data
 {cfg.images_per_class} renders per class of the tabletop world ({len(BASE_CLASSES)} classes: {classes}),
 from `pybullet_data` meshes over scikit-image textures, captioned "a photo of a [colour] NOUN [on BACKGROUND]".
-Personal-concept patterns (stripes, checks, dots, zigzag, halves) never appear in this data.{generic}
+{patterns}{generic}
 
 ## Training
 - VAE: {s.get('vae_step')} steps, batch {cfg.batch_size}, L1 + L2 + {cfg.kl_weight} KL.{decoder}

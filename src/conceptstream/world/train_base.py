@@ -59,6 +59,10 @@ class BaseTrainingConfig:
     # 0 keeps the bundled model's renders-only VAE data. Never a personal concept's look.
     vae_generic_fraction: float = 0.0
     vae_generic_images: int = 6000
+    # Renders of base-class objects in the concept patterns and catalogue colour pairs, captioned with
+    # both ("a red and white striped mug"), added to the UNet's data (base_data.pattern_dataset); never a
+    # personal concept's (class, pattern, colour pair). 0 (the default): the UNet sees no pattern.
+    unet_pattern_images: int = 0
     # Stage 2: sharpen the decoder with a patch discriminator, encoder frozen, so latents (and the
     # UNet trained on them) stay valid. L1/L2 alone leave textures and patterns blurred.
     decoder_steps: int = 0  # off: on the bundled model it lowered the VAE round-trip score (README)
@@ -294,10 +298,14 @@ class BaseTrainer:
 
     @torch.no_grad()
     def encode_latents(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and std of every UNet training image, cached in the work dir. The scaling
+        factor is set once per VAE (reset when the encoder moves): a UNet trained at a scale keeps it
+        when its data grows, or when it was seeded from an export."""
         path = self.workdir / "latents.safetensors"
         if path.exists() and self.state.get("scaling_factor"):
             t = load_tensors(path)
-            return t["mean"], t["std"]
+            if len(t["mean"]) == len(images):
+                return t["mean"], t["std"]
         vae = self.components["vae"]
         vae.load_state_dict(load_tensors(self.workdir / "vae.safetensors"))
         vae.eval()
@@ -307,7 +315,8 @@ class BaseTrainer:
             means.append(post.mean.cpu())  # batches are drawn on the CPU (draw_latents)
             stds.append(post.std.cpu())
         mean, std = torch.cat(means), torch.cat(stds)
-        self.state["scaling_factor"] = float(1.0 / mean.std())
+        if not self.state.get("scaling_factor"):
+            self.state["scaling_factor"] = float(1.0 / mean.std())
         save_tensors_atomic({"mean": mean, "std": std}, path)
         self._save_state()
         return mean, std
@@ -533,6 +542,12 @@ class BaseTrainer:
                 generic = generic_dataset(self.workdir, self.cfg.vae_generic_images, self.cfg.seed, self.progress,
                                           self.cfg.render_workers)
             self.train_vae(images, generic)
+            if self.cfg.unet_pattern_images > 0:
+                from conceptstream.world.base_data import pattern_dataset
+
+                patterned, pattern_captions = pattern_dataset(self.workdir, self.cfg.unet_pattern_images, self.cfg.seed,
+                                                              self.progress, self.cfg.render_workers)
+                images, captions = np.concatenate([images, patterned]), captions + pattern_captions
             mean, std = self.encode_latents(images)
             self.train_decoder(images, mean, std)
             self.train_unet(captions, mean, std)
