@@ -17,18 +17,25 @@ def render_dataset(workdir: Path, images_per_class: int, seed: int, progress: bo
 
     ``workers`` > 1 renders in that many processes; every render is a pure function of (class,
     index, seed), so the result is the same bit for bit."""
-    img_path, cap_path = workdir / "data" / "images.npy", workdir / "data" / "captions.json"
+    jobs = [(c, i, seed) for c in range(len(BASE_CLASSES)) for i in range(images_per_class)]
+    return _cached_captioned(workdir / "data" / "images.npy", workdir / "data" / "captions.json", _class_render, jobs,
+                             workers, "render base classes", progress)
+
+
+def _cached_captioned(img_path: Path, cap_path: Path, fn, jobs: list, workers: int, desc: str,
+                      progress: bool) -> tuple[np.ndarray, list[str]]:
+    """``fn(job) -> (image, caption)`` for every job, cached as ``img_path`` and ``cap_path`` (a cache of
+    another length is rendered again)."""
     if img_path.exists() and cap_path.exists():
         images = np.load(img_path, allow_pickle=False)
         captions = json.loads(cap_path.read_text())
-        if len(captions) == images.shape[0] == images_per_class * len(BASE_CLASSES):
+        if len(captions) == images.shape[0] == len(jobs):
             return images, captions
-    jobs = [(c, i, seed) for c in range(len(BASE_CLASSES)) for i in range(images_per_class)]
-    rendered = _render_all(_class_render, jobs, workers, "render base classes", progress)
-    arr = np.stack([image for image, _ in rendered])
-    _save_npy(img_path, arr)
+    rendered = _render_all(fn, jobs, workers, desc, progress)
+    images = np.stack([image for image, _ in rendered]) if jobs else np.zeros((0, 64, 64, 3), np.uint8)
+    _save_npy(img_path, images)
     write_json_atomic(cap_path, [caption for _, caption in rendered])
-    return arr, [caption for _, caption in rendered]
+    return images, [caption for _, caption in rendered]
 
 
 # -- rendering in worker processes ---------------------------------------------------------------
@@ -246,15 +253,8 @@ def pattern_dataset(workdir: Path, n: int, seed: int, progress: bool = True,
     combinations: a concept becomes a new combination of attributes the model knows, as a user's object
     is for Stable Diffusion. ``workers`` as in :func:`render_dataset` (the same images)."""
     img_path = workdir / "data" / f"patterned-{n}-seed{seed}.npy"
-    cap_path = img_path.with_suffix(".json")
-    if img_path.exists() and cap_path.exists():
-        return np.load(img_path, allow_pickle=False), json.loads(cap_path.read_text())
-    rendered = _render_all(_patterned_render, [(i, seed) for i in range(n)], workers, "render patterned objects",
-                           progress)
-    images = np.stack([image for image, _ in rendered]) if n else np.zeros((0, 64, 64, 3), np.uint8)
-    _save_npy(img_path, images)
-    write_json_atomic(cap_path, [caption for _, caption in rendered])
-    return images, [caption for _, caption in rendered]
+    return _cached_captioned(img_path, img_path.with_suffix(".json"), _patterned_render, [(i, seed) for i in range(n)],
+                             workers, "render patterned objects", progress)
 
 
 def patterned_look(i: int, seed: int) -> tuple:

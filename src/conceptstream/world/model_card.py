@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from conceptstream.world.catalogue import BASE_CLASSES
+from conceptstream.world.catalogue import BASE_CLASSES, PATTERNS
 
 
 def _quality_text(workdir: Path) -> str:
@@ -66,11 +66,11 @@ def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
                    "each batch): random-colour procedural patterns, scikit-image photo and texture crops, and objects "
                    "painted with such patterns, never in a personal concept's (class, pattern, colour pair) look; "
                    "the UNet and text encoder never see them.")
-    n_pat = getattr(cfg, "unet_pattern_images", 0)
-    patterns = "Personal-concept patterns (stripes, checks, dots, zigzag, halves) never appear in this data."
+    n_pat, kinds = getattr(cfg, "unet_pattern_images", 0), ", ".join(PATTERNS)
+    patterns = f"Personal-concept patterns ({kinds}) never appear in this data."
     if n_pat > 0:
         patterns = (f"The UNet and text encoder also saw {n_pat} renders of base-class objects painted in the concept "
-                    "patterns (stripes, checks, dots, zigzag, halves) and two catalogue colours, captioned with both "
+                    f"patterns ({kinds}) and two catalogue colours, captioned with both "
                     "(\"a photo of a red and white striped mug\"), never in a personal concept's (class, pattern, "
                     "colour pair): a concept is a new combination of attributes the model knows, plus its own shape.")
     return f"""# conceptstream tiny-sd (bundled base model)
