@@ -224,6 +224,10 @@ def test_generic_vae_data_trains_and_never_takes_a_concept_look(tmp_path):
     assert generic.shape == (6, 64, 64, 3) and generic.std() > 0
     np.testing.assert_array_equal(generic, generic_dataset(tmp_path / "g-work", 6, 0, False))  # cached
     assert "6 generic images (50% of each batch)" in (out / "README.md").read_text()
+    assert json.loads((out / "training.json").read_text())["vae_data"] == {"generic_fraction": 0.5, "generic_images": 6}
+    # a later run from that export, under a config without generic data, still tells the VAE's data truly
+    later = BaseTrainer(_cfg(tmp_path, "g2", decoder_steps=0, unet_steps=1, init_from=str(out)), progress=False).run()
+    assert "6 generic images (50% of each batch)" in (later / "README.md").read_text()
     # the default (no generic data) renders none
     BaseTrainer(_cfg(tmp_path, "h", decoder_steps=0, unet_steps=0), progress=False).run()
     assert not list((tmp_path / "h-work" / "data").glob("generic-*"))

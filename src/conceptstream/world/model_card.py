@@ -61,8 +61,11 @@ def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
                     "run's export with a fresh optimizer and its own schedule and warm-up over its planned steps.")
     machines = ", ".join(s.get("machines") or [platform.processor() or platform.machine()])
     generic = ""
-    if getattr(cfg, "vae_generic_fraction", 0.0) > 0:
-        generic = (f"\nThe VAE alone also saw {cfg.vae_generic_images} generic images ({cfg.vae_generic_fraction:.0%} of "
+    # the VAE's own data as recorded when it trained (a later run's config may differ); older progress: the config
+    vae_data = s.get("vae_data") or {"generic_fraction": getattr(cfg, "vae_generic_fraction", 0.0),
+                                     "generic_images": getattr(cfg, "vae_generic_images", 0)}
+    if vae_data["generic_fraction"] > 0:
+        generic = (f"\nThe VAE alone also saw {vae_data['generic_images']} generic images ({vae_data['generic_fraction']:.0%} of "
                    "each batch): random-colour procedural patterns, scikit-image photo and texture crops, and objects "
                    "painted with such patterns, never in a personal concept's (class, pattern, colour pair) look; "
                    "the UNet and text encoder never see them.")

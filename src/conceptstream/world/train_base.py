@@ -202,6 +202,8 @@ class BaseTrainer:
                            "unet_step": info["unet_step"], "unet_runs": runs,
                            "scaling_factor": info["scaling_factor"], "wall_seconds": info.get("wall_seconds", 0.0),
                            "seeded_from": str(folder), "warm_start": info["unet_step"]})
+        if info.get("vae_data") is not None:
+            self.state["vae_data"] = info["vae_data"]
         self._wall0 = self.state["wall_seconds"]
         self._save_state()
 
@@ -269,6 +271,9 @@ class BaseTrainer:
         if self.state["vae_step"] >= cfg.vae_steps:
             return
         self.state["scaling_factor"] = None  # the encoder moves: latents and their scale are recomputed
+        # the VAE's data, kept with its steps: a later --init-from or UNet-only run has its own config
+        self.state["vae_data"] = {"generic_fraction": cfg.vae_generic_fraction,
+                                  "generic_images": cfg.vae_generic_images if cfg.vae_generic_fraction > 0 else 0}
         vae.train()
         last: dict[str, float] = {}
 
@@ -498,7 +503,7 @@ class BaseTrainer:
         write_text_atomic(tmp / "README.md", self.model_card())
         write_json_atomic(tmp / "training.json", {**{k: self.state.get(k) for k in
                                                      ("vae_step", "decoder_step", "unet_step", "scaling_factor",
-                                                      "wall_seconds")}, "unet_runs": self.unet_runs()})
+                                                      "wall_seconds", "vae_data")}, "unet_runs": self.unet_runs()})
         old = out.with_name(out.name + ".old")
         if out.exists():
             if old.exists():
