@@ -12,8 +12,10 @@ to the smaller learning rate, then the smaller knob). The test split is never re
 ``run`` is resumable (each bench skips finished runs; rerun the same command). ``table`` reads every
 finished tuning bench under ``--root``, writes ``tuning.json`` (every grid point with its per-seed and mean
 val numbers, and the winner per method) and ``tuning.md`` (the table for docs/DEFAULTS.md), and prints the
-winners. Changing a method's defaults to its winner is a deliberate edit of ``methods/`` and
-``docs/DEFAULTS.md`` that cites this table.
+winners. A method with no bench under ``--root`` keeps its points from an existing ``--out/tuning.json``, so
+a campaign spread over machines or sessions whose work dirs are lost adds to the committed table.
+Changing a method's defaults to its winner is a deliberate edit of ``methods/`` and ``docs/DEFAULTS.md``
+that cites this table.
 """
 
 from __future__ import annotations
@@ -175,6 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_bench(out, model=args.model, **options)
         return 0
     found = {m: pts for m, pts in collect(args.root).items() if m in methods}
+    previous = args.out / "tuning.json" if args.out else None
+    if previous is not None and previous.is_file():  # a method tuned in an earlier session whose benches are gone
+        kept = {m: e["points"] for m, e in json.loads(previous.read_text())["methods"].items()
+                if m in methods and m not in found}
+        if kept:
+            print(f"kept from {previous} (no benches under --root): {', '.join(kept)}")
+        found = {m: found.get(m) or kept[m] for m in GRIDS if m in found or m in kept}
     doc, md = table(found)
     print(md)
     for m, entry in doc["methods"].items():

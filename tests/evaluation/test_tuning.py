@@ -67,3 +67,21 @@ def test_a_bench_scored_on_the_test_split_is_refused(tuning, tmp_path):
     (tmp_path / "ewc-dc" / "results.json").write_text(json.dumps(_doc({(1e-3, 100.0): [300.0, 302.0]})))
     assert tuning.main(["table", "--root", str(tmp_path), "--methods", "ewc-dc", "--out", str(tmp_path / "t")]) == 0
     assert json.loads((tmp_path / "t" / "tuning.json").read_text())["methods"]["ewc-dc"]["winner"]["A_MMD"] == 301.0
+
+
+def test_a_method_without_benches_keeps_its_points_from_the_committed_table(tuning, tmp_path):
+    """A later session (work dir lost) tabulates its new method; an earlier method stays from tuning.json."""
+    root, out = tmp_path / "root", tmp_path / "t"
+    (root / "ewc-dc").mkdir(parents=True)
+    (root / "ewc-dc" / "results.json").write_text(json.dumps(_doc({(1e-3, 100.0): [300.0, 302.0]})))
+    assert tuning.main(["table", "--root", str(root), "--out", str(out)]) == 0
+    (root / "ewc-dc" / "results.json").unlink()
+    lora = {"settings": {"split": "val", "steps": 200}, "runs": {"lora[lr=0.001,token_lr=0.005]": {
+        "method": "lora", "seeds": {"0": {"config": {"settings": {"lr": 1e-3, "token_lr": 5e-3}},
+                                          "summary": {"A_MMD": 280.0}}}}}}
+    (root / "lora").mkdir()
+    (root / "lora" / "results.json").write_text(json.dumps(lora))
+    assert tuning.main(["table", "--root", str(root), "--out", str(out)]) == 0
+    methods = json.loads((out / "tuning.json").read_text())["methods"]
+    assert list(methods) == ["lora", "ewc-dc"]  # the grids' order
+    assert methods["ewc-dc"]["winner"]["A_MMD"] == 301.0 and methods["lora"]["winner"]["A_MMD"] == 280.0
