@@ -101,6 +101,25 @@ def test_write_report_explains_the_intervals(tmp_path):
     assert "| `ewc-dc` | 5 | -5.0 [-6.0, -4.0] **separated** (5/5 better) |" in text
 
 
+def test_the_report_also_pairs_every_method_with_the_papers_method(tmp_path):
+    """A second paired table answers "ewc-dc against each baseline" (e.g. c-lora), not only against lora."""
+    from conceptstream.evaluation.report import paired_references
+
+    doc = _report_doc()
+    doc["runs"]["c-lora"] = {**doc["runs"]["lora"]}
+    doc["summary"]["c-lora"] = doc["summary"]["lora"]
+    for label, run in doc["runs"].items():
+        run["method"] = label
+    assert paired_references(doc) == ["lora", "ewc-dc"]
+    text = write_report(doc, tmp_path).read_text()
+    assert "### Paired with `ewc-dc` (same seed)" in text
+    # lora and c-lora (lora's numbers) are 5.0 worse than ewc-dc on A_MMD on every seed
+    assert "| `c-lora` | 5 | +5.0 [+4.0, +6.0] **separated** (0/5 better) |" in text
+    assert "| `lora` | 5 | +5.0 [+4.0, +6.0] **separated** (0/5 better) |" in text
+    only = {"runs": {"ewc-dc": {"method": "ewc-dc"}}}
+    assert paired_references(only) == ["ewc-dc"]  # the first label is the reference: no second table
+
+
 def test_the_printed_summary_shows_the_interval_and_the_own_class_dc_accuracy():
     from conceptstream.evaluation.bench.results import format_summary
 

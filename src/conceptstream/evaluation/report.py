@@ -105,12 +105,27 @@ def paired_reference(doc: Mapping[str, Any]) -> str | None:
     return "lora" if "lora" in labels else (labels[0] if labels else None)
 
 
-def _paired_rows(doc: Mapping[str, Any]) -> tuple[str, dict[str, dict[str, dict[str, Any]]]] | None:
-    """The reference and, per other method, its paired differences; None when no method shares two or
-    more seeds with the reference."""
+# The paper's method: a second paired table sets every other method against it (e.g. ewc-dc - c-lora).
+PAPER_METHOD = "ewc-dc"
+
+
+def paired_references(doc: Mapping[str, Any]) -> list[str]:
+    """Every reference the report pairs with: :func:`paired_reference`, then the first run of the paper's
+    method (its plain label, e.g. ``ewc-dc`` or ``ewc-dc-vera``) when it ran beside it."""
+    first = paired_reference(doc)
+    paper = next((lb for lb, r in doc.get("runs", {}).items()
+                  if r.get("method") == PAPER_METHOD and not r.get("sweep")), None)
+    refs = [first] if first is not None else []
+    return refs + [paper] if paper is not None and paper != first else refs
+
+
+def _paired_rows(doc: Mapping[str, Any], reference: str | None = None
+                 ) -> tuple[str, dict[str, dict[str, dict[str, Any]]]] | None:
+    """The reference (default :func:`paired_reference`) and, per other method, its paired differences;
+    None when no method shares two or more seeds with the reference."""
     from conceptstream.evaluation.matrices import paired_differences
 
-    reference = paired_reference(doc)
+    reference = reference or paired_reference(doc)
     if reference is None:
         return None
     higher = {key: hib for key, _, hib, _ in SUMMARY_COLUMNS if key in PAIRED_KEYS}
@@ -133,11 +148,11 @@ def _paired_cell(d: Mapping[str, Any], nd: int) -> str:
     return f"{d['mean']:+.{nd}f} [{d['ci_low']:+.{nd}f}, {d['ci_high']:+.{nd}f}] {verdict} {wins}"
 
 
-def paired_table(doc: Mapping[str, Any]) -> list[str]:
-    """Each method minus the reference on the same seed: the mean difference over seeds with its 95%
-    t-interval, whether that interval excludes 0 ("separated"), and on how many seeds the method was
-    better. Empty when no method shares two or more seeds with the reference."""
-    paired = _paired_rows(doc)
+def paired_table(doc: Mapping[str, Any], reference: str | None = None) -> list[str]:
+    """Each method minus the reference (default :func:`paired_reference`) on the same seed: the mean
+    difference over seeds with its 95% t-interval, whether that interval excludes 0 ("separated"), and on
+    how many seeds the method was better. Empty when no method shares two or more seeds with the reference."""
+    paired = _paired_rows(doc, reference)
     if paired is None:
         return []
     reference, rows = paired
@@ -152,11 +167,11 @@ def paired_table(doc: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def paired_note(doc: Mapping[str, Any]) -> str:
+def paired_note(doc: Mapping[str, Any], reference: str | None = None) -> str:
     """How to read the paired table: what "separated" means, with the seeds it rests on."""
     from conceptstream.evaluation.matrices import t_quantile
 
-    paired = _paired_rows(doc)
+    paired = _paired_rows(doc, reference)
     counts = sorted({d["n"] for diffs in (paired[1].values() if paired else ()) for d in diffs.values() if d["n"] > 1})
     if len(counts) == 1:
         n = counts[0]
@@ -490,12 +505,16 @@ def write_report(doc: Mapping[str, Any], out: str | Path) -> Path:
            "± is the half-width of the 95% Student-t interval of the mean (none for one seed).", "",
            *summary_table(doc), ""]
     md += _bound_lines(doc)
-    paired = paired_table(doc)
-    if paired:
-        md += [f"### Paired with `{paired_reference(doc)}` (same seed)", "",
+    for i, reference in enumerate(paired_references(doc)):
+        paired = paired_table(doc, reference)
+        if not paired:
+            continue
+        why = ("" if i == 0 else f" Here every method is set against the paper's method, so a row reads "
+               f"\"that method minus `{reference}`\".")
+        md += [f"### Paired with `{reference}` (same seed)", "",
                "Each method minus the reference on the same seed, so the spread that a seed gives every method "
                "(shared data draws, learning and generation seeds) cancels: a difference can be separated here even "
-               "when the intervals in the table above overlap.", "", paired_note(doc), "", *paired, ""]
+               f"when the intervals in the table above overlap.{why}", "", paired_note(doc, reference), "", *paired, ""]
     if not doc.get("t2i", {}).get("available"):
         md += [f"T2I is not reported: {doc.get('t2i', {}).get('reason')}.", ""]
     if doc.get("failed"):
