@@ -156,6 +156,16 @@ def table(found: Mapping[str, list[Mapping[str, Any]]]) -> tuple[dict[str, Any],
     return doc, "\n".join(lines) + "\n"
 
 
+def _shard(text: str, parser: argparse.ArgumentParser) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        parser.error(f"--shard {text}: give K/N with 1 <= K <= N, e.g. --shard 1/2")
+    return k, n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("action", choices=("run", "table"), help="run the tuning benches, or tabulate them")
@@ -163,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(GRIDS), help="comma-separated methods (default: all)")
     p.add_argument("--model", default=None, help="base model ('tiny' or a diffusers folder)")
     p.add_argument("--out", type=Path, default=None, help="table: where to write tuning.json and tuning.md")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run: only every N-th tuning bench from the K-th (one bench per method, one per Textual "
+                        "Inversion steps value), so N processes or machines share the grids; table reads them all")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in GRIDS]
@@ -171,7 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.action == "run":
         from conceptstream.evaluation.bench import run_bench
 
-        for out, options in bench_jobs(args.root, methods):
+        jobs = bench_jobs(args.root, methods)
+        if args.shard:
+            k, n = _shard(args.shard, p)
+            jobs = jobs[k - 1::n]
+        for out, options in jobs:
             print(f"[tuning] {out}: {options['methods'][0]} sweep {options['sweep']}"
                   + (f", {options['steps']} steps" if "steps" in options else ""), flush=True)
             run_bench(out, model=args.model, **options)

@@ -85,3 +85,19 @@ def test_a_method_without_benches_keeps_its_points_from_the_committed_table(tuni
     methods = json.loads((out / "tuning.json").read_text())["methods"]
     assert list(methods) == ["lora", "ewc-dc"]  # the grids' order
     assert methods["ewc-dc"]["winner"]["A_MMD"] == 301.0 and methods["lora"]["winner"]["A_MMD"] == 280.0
+
+
+def test_shards_split_the_tuning_benches_between_processes(tuning, tmp_path, monkeypatch):
+    """`run --shard K/N`: the N shards run every tuning bench exactly once between them."""
+    import conceptstream.evaluation.bench as bench
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(bench, "run_bench", lambda out, **kw: ran[-1].append(Path(out).name))
+    for k in (1, 2):
+        ran.append([])
+        assert tuning.main(["run", "--root", str(tmp_path), "--shard", f"{k}/2"]) == 0
+    every = [out.name for out, _ in tuning.bench_jobs(tmp_path, list(tuning.GRIDS))]
+    assert sorted(ran[0] + ran[1]) == sorted(every) and not set(ran[0]) & set(ran[1])
+    assert ran[0] and ran[1]
+    with pytest.raises(SystemExit):
+        tuning.main(["run", "--root", str(tmp_path), "--shard", "3/2"])
