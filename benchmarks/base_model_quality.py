@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/base-model-quality.json")
     p.add_argument("--grid", default="benchmarks/results/base-model-samples.png")
-    p.add_argument("--workdir", default=None, help="train-base work dir: also record the result for the model card")
+    p.add_argument("--workdir", default=None, help="train-base work dir: also record the result for the model card "
+                   "(quality.json; codec.json with --codec-only)")
     p.add_argument("--codec-only", action="store_true", help="measure only the VAE round trip on personal concepts")
     p.add_argument("--vae", action="append", default=None,
                    help="--codec-only: VAE to measure (pipeline folder, vae folder or train-base work dir; repeatable)")
@@ -306,6 +307,8 @@ def codec(args, argv=None) -> dict:
         out = "benchmarks/results/base-model-v2/codec-bundled.json"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.workdir:  # the model card's codec line (world/model_card.py)
+        (Path(args.workdir) / "codec.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

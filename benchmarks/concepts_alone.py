@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="learn seed; image i uses seed i (default %(default)s)")
     p.add_argument("--cache", default=None, help="folder caching the centroid views and features")
     p.add_argument("--out", default=None, help="JSON to write")
+    p.add_argument("--workdir", default=None,
+                   help="train-base work dir: also record the result for the model card (concepts-alone.json)")
     args = p.parse_args(argv)
 
     from base_model_quality import _render_views, command_line, concept_centroids
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.workdir:  # the model card's concept line (world/model_card.py)
+        (Path(args.workdir) / "concepts-alone.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -285,8 +285,29 @@ def test_codec_benchmark_on_a_work_dir(tmp_path):
     assert json.loads(out.read_text())["protocol"]["concepts"] == 3
     assert str(tmp_path) not in out.read_text()  # no machine paths
     again = bmq.main(["--codec-only", "--vae", str(tmp_path / "k-work"), "--sequence", "tabletop-3",
-                      "--train-views", "2", "--eval-views", "1", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+                      "--train-views", "2", "--eval-views", "1", "--cache", str(tmp_path / "cache"), "--out", str(out),
+                      "--workdir", str(tmp_path / "k-work")])
     assert again["results"] == rows  # cached renders and features give the same numbers
+    # --workdir records it for the model card, which the next export writes
+    card = (BaseTrainer(cfg, progress=False).run() / "README.md").read_text()
+    assert "VAE round trip of tabletop-3's held-out views (1 per concept)" in card
+    assert f"**{rows['vae:k-work']['acc_efficientnet_lite0']:.3f}**" in card
+
+
+def test_the_model_card_states_the_committed_concept_numbers_of_the_bundled_model():
+    """The card's goal lines from the committed v2 measurements; the bundled card carries the same lines."""
+    from pathlib import Path
+
+    from conceptstream.world.model_card import goal_lines
+
+    root = Path(__file__).resolve().parents[2]
+    results = root / "benchmarks" / "results" / "base-model-v2"
+    lines = goal_lines(json.loads((results / "codec-vae-4ch32-gen-step4000.json").read_text()),
+                       json.loads((results / "concepts-alone-v2-final.json").read_text()))
+    assert "**0.843**" in lines and "**0.486**" in lines and "200 steps" in lines
+    assert goal_lines(None, None) == ""
+    bundled = (root / "src" / "conceptstream" / "assets" / "tiny-sd" / "README.md").read_text()
+    assert lines in bundled
 
 
 def test_rendering_in_worker_processes_gives_the_same_training_images(tmp_path):

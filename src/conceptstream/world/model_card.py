@@ -32,6 +32,38 @@ def _quality_text(workdir: Path) -> str:
             f"|---|---|---|\n{rows}\n")
 
 
+def goal_lines(codec: dict[str, Any] | None, alone: dict[str, Any] | None) -> str:
+    """The card's lines for how much of a personal concept the model keeps: the VAE round trip of held-out
+    concept views (``base_model_quality.py --codec-only``) and concepts learned alone (``concepts_alone.py``),
+    each from the JSON those scripts write; empty when neither was measured."""
+    lines = []
+    if codec:
+        proto = codec["protocol"]
+        for key, row in codec["results"].items():
+            if key.startswith("vae:"):
+                lines.append(f"- VAE round trip of {proto['sequence']}'s held-out views ({proto['eval_views']} per "
+                             f"concept), each assigned to the nearest of {proto['concepts']} concepts' EfficientNet-Lite0 "
+                             f"centroids: **{row['acc_efficientnet_lite0']:.3f}** (target 0.8; the raw views score "
+                             f"{codec['results']['raw']['acc_efficientnet_lite0']:.3f}; chance {proto['chance']:.2f}); "
+                             f"`{codec['command']}`.")
+    if alone:
+        proto = alone["protocol"]
+        for steps, row in alone["budgets"].items():
+            lines.append(f"- Each {proto['learned']} concept learned alone (`{proto['method']}`, {steps} steps, learn seed "
+                         f"{proto['learn_seed']}), {proto['images_per_concept']} generated images each, assigned to the "
+                         f"nearest of {proto['candidates']}'s concepts: **{row['mean_accuracy']:.3f}** drawn as itself "
+                         f"(target 0.5; chance {proto['chance']:.2f}; {row['learn_seconds_mean']} s per concept); "
+                         f"`{alone['command']}`.")
+    return "\n".join(lines)
+
+
+def _goals_text(workdir: Path) -> str:
+    docs = {name: json.loads((workdir / f"{name}.json").read_text()) if (workdir / f"{name}.json").is_file() else None
+            for name in ("codec", "concepts-alone")}
+    text = goal_lines(docs["codec"], docs["concepts-alone"])
+    return f"\n\nHow much of a personal concept it keeps:\n\n{text}\n" if text else ""
+
+
 def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
     """Markdown model card from the trainer's progress ``state`` and its ``BaseTrainingConfig``."""
     import diffusers
@@ -39,7 +71,7 @@ def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
 
     s = state
     classes = ", ".join(c.noun for c in BASE_CLASSES)
-    qtext = _quality_text(Path(workdir))
+    qtext = _quality_text(Path(workdir)) + _goals_text(Path(workdir))
     decoder = ""
     if s.get("decoder_step"):
         decoder = (f" Then the decoder alone (encoder frozen) for {s['decoder_step']} of {cfg.decoder_steps} steps, "
