@@ -34,6 +34,9 @@ CRITERION = "A_MMD"  # lower is better; mean over the tuning seeds on the val sp
 # Score every seen concept only after the last of tabletop-6's 6 tasks (each earlier task scores its new
 # concept only): A_MMD (the last row) and BwT (the diagonal) are the same, at about half the scoring time.
 EVAL_EVERY = 6
+COMMAND = ("python benchmarks/tuning.py run --root bench/tuning [--shard K/N]; "
+           "python benchmarks/tuning.py table --root bench/tuning --out benchmarks/results/tuning "
+           "(or STAGES=tune [SHARDS=2] bash benchmarks/run_tabletop.sh)")
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ def grid_points(doc: Mapping[str, Any], method: str) -> list[dict[str, Any]]:
         per_seed = {k: r.get("summary", {}) for k, r in seeds.items()}
         point = {"method": method, "label": label, grid.lr_key: settings.get(grid.lr_key),
                  grid.knob: steps if grid.knob == "steps" else settings.get(grid.knob),
-                 "seeds": sorted(int(k) for k in seeds), "per_seed": per_seed}
+                 "seeds": sorted(int(k) for k in seeds), "per_seed": per_seed,
+                 "model": doc["settings"].get("model"), "data_fingerprint": doc["settings"].get("data_fingerprint")}
         for key in (CRITERION, "plasticity_MMD", "BwT_MMD", "DC_acc", "DC_acc_own_class"):
             point[key] = _mean([s.get(key) for s in per_seed.values()])
         points.append(point)
@@ -135,8 +139,10 @@ def collect(root: Path) -> dict[str, list[dict[str, Any]]]:
 
 def table(found: Mapping[str, list[Mapping[str, Any]]]) -> tuple[dict[str, Any], str]:
     """The tuning document and its Markdown table (every grid point; the winner in bold)."""
+    models = sorted({json.dumps(p.get("model"), sort_keys=True) for pts in found.values() for p in pts})
     doc: dict[str, Any] = {"sequence": SEQUENCE, "split": "val", "seeds_per_point": SEEDS,
-                           "criterion": f"lowest mean val {CRITERION} over the seeds", "methods": {}}
+                           "criterion": f"lowest mean val {CRITERION} over the seeds",
+                           "models": [json.loads(m) for m in models], "command": COMMAND, "methods": {}}
     lines = [f"| method | {'learning rate'} | knob | seeds | val {CRITERION} ↓ | val plasticity ↓ | val BwT ↑ | "
              "val DC acc ↑ |", "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, nd: "n/a" if v is None else f"{v:.{nd}f}"  # noqa: E731
@@ -210,7 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out / "tuning.json", doc)
-        (args.out / "tuning.md").write_text(md)
+        models = ", ".join(f"`{m['reference']}` (fingerprint {m['fingerprint']})" for m in doc["models"] if m)
+        incomplete = [m for m, e in doc["methods"].items() if not e["complete"]]
+        head = (f"Tuning grids on {SEQUENCE}'s **val** views, {SEEDS} seeds (0, 1) per point, base model {models}; "
+                f"winner (bold) = {doc['criterion']}. Reproduce: {COMMAND}."
+                + (f" Grids not yet complete: {', '.join(incomplete)}." if incomplete else "") + "\n\n")
+        (args.out / "tuning.md").write_text(head + md)
     return 0
 
 

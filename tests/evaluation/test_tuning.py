@@ -101,3 +101,11 @@ def test_shards_split_the_tuning_benches_between_processes(tuning, tmp_path, mon
     assert ran[0] and ran[1]
     with pytest.raises(SystemExit):
         tuning.main(["run", "--root", str(tmp_path), "--shard", "3/2"])
+
+
+def test_the_table_names_the_base_model_and_the_command(tuning):
+    doc = _doc({(1e-3, 100.0): [300.0, 302.0]})
+    doc["settings"]["model"] = {"reference": "tiny", "fingerprint": "abc"}
+    table_doc, _ = tuning.table({"ewc-dc": tuning.grid_points(doc, "ewc-dc")})
+    assert table_doc["models"] == [{"reference": "tiny", "fingerprint": "abc"}]
+    assert table_doc["command"].startswith("python benchmarks/tuning.py run")
