@@ -6,6 +6,11 @@ multi-concept samples).
 Run outputs (states, per-task samples, logs) stay behind: they are large and rebuildable.
 
     python benchmarks/publish.py bench/tabletop-6-lora benchmarks/results/tabletop-6-lora
+    python benchmarks/publish.py bench/v2-tabletop-6-lora benchmarks/results/v2-tabletop-6-lora \
+        --snippet --command "STAGES=t6-v2 bash benchmarks/run_tabletop.sh"
+
+``--snippet`` also prints the README block of that result: what it was run on (split, model, adapter,
+steps, seeds) and how to rerun it, the summary table over seeds and the paired tables.
 """
 
 from __future__ import annotations
@@ -36,9 +41,33 @@ def publish(src: Path, dst: Path) -> float:
     return sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) / 1e6
 
 
+def snippet(doc: dict, dst: Path, command: str) -> str:
+    """The README block of one published result: provenance line, summary table, paired tables."""
+    from conceptstream.evaluation.report import paired_note, paired_references, paired_table, summary_table
+
+    s = doc["settings"]
+    per_task = sorted(set((s.get("steps_per_task") or {}).values()))
+    steps = s.get("steps") or "/".join(str(n) for n in per_task) or "default"
+    lines = [f"Split **{s.get('split', 'test')}**, `{s['sequence']}` ({len(s['concepts'])} concepts), base model "
+             f"`{s['model']['reference']}` (fingerprint `{s['model']['fingerprint']}`), adapter `{s['adapter']}`, "
+             f"{steps} steps per task, seeds {s['seeds']}"
+             + ("" if doc.get("complete") else " (**incomplete**: finished runs only)")
+             + f". Reproduce: `{command}`; full report: `{dst.as_posix()}/report.md`.", "",
+             *summary_table(doc), ""]
+    for reference in paired_references(doc):
+        table = paired_table(doc, reference)
+        if table:
+            lines += [f"Paired with `{reference}` (same seed). {paired_note(doc, reference)}", "", *table, ""]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("src", type=Path, help="a bench --out folder")
     p.add_argument("dst", type=Path, help="where in the repository, e.g. benchmarks/results/tabletop-6-lora")
+    p.add_argument("--snippet", action="store_true", help="also print the README block of this result")
+    p.add_argument("--command", default="conceptstream bench ...", help="--snippet: the command that reproduces it")
     args = p.parse_args()
     print(f"{args.dst}: {publish(args.src, args.dst):.1f} MB")
+    if args.snippet:
+        print(snippet(json.loads((args.dst / "results.json").read_text()), args.dst, args.command))

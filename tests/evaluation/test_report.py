@@ -129,3 +129,27 @@ def test_the_printed_summary_shows_the_interval_and_the_own_class_dc_accuracy():
     assert "320.000 ± 19.632" in lora and "± 15.811" not in lora  # the interval, not the std
     assert "300.000" in one and "±" not in one  # one seed: no interval
     assert note.startswith("± : half-width of the 95% t-interval") and note.endswith("over 5 seeds")
+
+
+def test_publish_snippet_names_split_model_seeds_command_and_has_both_paired_tables():
+    import sys
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        import publish
+    finally:
+        sys.path.remove(str(benchmarks))
+    doc = _report_doc()
+    doc["settings"]["split"] = "test"
+    doc["runs"]["c-lora"] = {**doc["runs"]["lora"]}
+    doc["summary"]["c-lora"] = doc["summary"]["lora"]
+    for label, run in doc["runs"].items():
+        run["method"] = label
+    text = publish.snippet(doc, Path("benchmarks/results/x"), "STAGES=t6-v2 bash benchmarks/run_tabletop.sh")
+    first = text.splitlines()[0]
+    assert first.startswith("Split **test**, `tabletop-1` (1 concepts), base model `tiny` (fingerprint `f`)")
+    assert "seeds [0, 1, 2, 3, 4]" in first and "`STAGES=t6-v2 bash benchmarks/run_tabletop.sh`" in first
+    assert "benchmarks/results/x/report.md" in first and "incomplete" not in first
+    assert "| method - `lora` |" in text and "| method - `ewc-dc` |" in text
