@@ -29,6 +29,23 @@ SHARDS=${SHARDS:-1}
 STAGES=${STAGES:-"tune t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim"}
 FIVE="lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc"
 
+# in_shards LOG CMD...: CMD --shard K/SHARDS for K = 1..SHARDS at once, one thread each, CMD's output in
+# LOG-K.log ("{K}" in CMD's arguments becomes K); fails when any shard fails
+in_shards() {
+  local log=$1; shift
+  local pids=() k failed=0
+  mkdir -p "$(dirname "$log")"
+  for k in $(seq 1 "$SHARDS"); do
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "${@//\{K\}/$k}" --shard "$k/$SHARDS" > "$log-$k.log" 2>&1 &
+    pids+=($!)
+  done
+  for k in "${pids[@]}"; do wait "$k" || failed=1; done
+  if [ "$failed" -ne 0 ]; then
+    echo "a shard failed; see $log-*.log (rerun the stage to resume)" >&2
+    return 1
+  fi
+}
+
 # bench_v2 OUTDIR ARGS...: one bench, or SHARDS shards run at once and merged into OUTDIR
 bench_v2() {
   local out=$1; shift
@@ -36,21 +53,8 @@ bench_v2() {
     $CS bench "$@" --out "$out"
     return
   fi
-  local pids=() dirs=() k
-  mkdir -p "$(dirname "$out")"
-  for k in $(seq 1 "$SHARDS"); do
-    dirs+=("$out.shards/$k")
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $CS bench "$@" --shard "$k/$SHARDS" --out "$out.shards/$k" \
-      > "$out.shard-$k.log" 2>&1 &
-    pids+=($!)
-  done
-  local failed=0
-  for k in "${pids[@]}"; do wait "$k" || failed=1; done
-  if [ "$failed" -ne 0 ]; then
-    echo "a shard of $out failed; see $out.shard-*.log (rerun the stage to resume)" >&2
-    return 1
-  fi
-  $CS bench --merge "${dirs[@]}" --out "$out"
+  in_shards "$out.shard" $CS bench "$@" --out "$out.shards/{K}"
+  $CS bench --merge $(for k in $(seq 1 "$SHARDS"); do echo "$out.shards/$k"; done) --out "$out"
 }
 
 for stage in $STAGES; do
@@ -86,14 +90,7 @@ for stage in $STAGES; do
       if [ "$SHARDS" -le 1 ]; then
         $PY benchmarks/tuning.py run --root "$OUT/tuning" --model "$MODEL"
       else
-        pids=()
-        mkdir -p "$OUT"
-        for k in $(seq 1 "$SHARDS"); do
-          OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $PY benchmarks/tuning.py run --root "$OUT/tuning" --model "$MODEL" \
-            --shard "$k/$SHARDS" > "$OUT/tuning.shard-$k.log" 2>&1 &
-          pids+=($!)
-        done
-        for k in "${pids[@]}"; do wait "$k"; done
+        in_shards "$OUT/tuning.shard" $PY benchmarks/tuning.py run --root "$OUT/tuning" --model "$MODEL"
       fi
       $PY benchmarks/tuning.py table --root "$OUT/tuning" --out benchmarks/results/tuning ;;
     t6-v2)

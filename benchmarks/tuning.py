@@ -162,16 +162,6 @@ def table(found: Mapping[str, list[Mapping[str, Any]]]) -> tuple[dict[str, Any],
     return doc, "\n".join(lines) + "\n"
 
 
-def _shard(text: str, parser: argparse.ArgumentParser) -> tuple[int, int]:
-    try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        k = n = 0
-    if not 1 <= k <= n:
-        parser.error(f"--shard {text}: give K/N with 1 <= K <= N, e.g. --shard 1/2")
-    return k, n
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("action", choices=("run", "table"), help="run the tuning benches, or tabulate them")
@@ -188,11 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         p.error(f"no tuning grid for {', '.join(unknown)}; grids exist for: {', '.join(GRIDS)}")
     if args.action == "run":
+        from conceptstream.errors import UserInputError
         from conceptstream.evaluation.bench import run_bench
+        from conceptstream.evaluation.bench.settings import parse_shard
 
         jobs = bench_jobs(args.root, methods)
-        if args.shard:
-            k, n = _shard(args.shard, p)
+        try:
+            shard = parse_shard(args.shard)
+        except UserInputError as exc:
+            p.error(str(exc))
+        if shard:  # round robin, not bench's contiguous blocks: the costly grids come in a row
+            k, n = shard
             jobs = jobs[k - 1::n]
         for out, options in jobs:
             print(f"[tuning] {out}: {options['methods'][0]} sweep {options['sweep']}"
