@@ -92,7 +92,7 @@ for stage in $STAGES; do
       else
         in_shards "$OUT/tuning.shard" $PY benchmarks/tuning.py run --root "$OUT/tuning" --model "$MODEL"
       fi
-      $PY benchmarks/tuning.py table --root "$OUT/tuning" --out benchmarks/results/tuning ;;
+      $PY benchmarks/tuning.py table --root "$OUT/tuning" --out benchmarks/results/tuning --docs docs/DEFAULTS.md ;;
     t6-v2)
       bench_v2 "$OUT/v2-tabletop-6-lora" --model "$MODEL" --sequence tabletop-6 --split test --adapter lora --seeds 5 \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion,single-task,joint ;;

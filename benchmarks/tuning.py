@@ -7,7 +7,7 @@ point with the lowest mean val ``A_MMD`` over the seeds (the criterion is fixed 
 to the smaller learning rate, then the smaller knob). The test split is never read here.
 
     python benchmarks/tuning.py run --root bench/tuning [--methods lora,ewc-dc] [--model tiny]
-    python benchmarks/tuning.py table --root bench/tuning --out benchmarks/results/tuning
+    python benchmarks/tuning.py table --root bench/tuning --out benchmarks/results/tuning --docs docs/DEFAULTS.md
 
 ``run`` is resumable (each bench skips finished runs; rerun the same command). ``table`` reads every
 finished tuning bench under ``--root``, writes ``tuning.json`` (every grid point with its per-seed and mean
@@ -162,6 +162,18 @@ def table(found: Mapping[str, list[Mapping[str, Any]]]) -> tuple[dict[str, Any],
     return doc, "\n".join(lines) + "\n"
 
 
+DOCS_BEGIN = "<!-- tuning table: written by benchmarks/tuning.py table --docs -->\n"
+DOCS_END = "<!-- end of the tuning table -->\n"
+
+
+def with_table(doc_text: str, table_md: str) -> str:
+    """``doc_text`` (docs/DEFAULTS.md) with the text between its tuning-table markers replaced by ``table_md``."""
+    if doc_text.count(DOCS_BEGIN) != 1 or doc_text.count(DOCS_END) != 1:
+        raise ValueError(f"the document needs one {DOCS_BEGIN.strip()} line and one {DOCS_END.strip()} line")
+    head, rest = doc_text.split(DOCS_BEGIN)
+    return head + DOCS_BEGIN + table_md + DOCS_END + rest.split(DOCS_END, 1)[1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("action", choices=("run", "table"), help="run the tuning benches, or tabulate them")
@@ -169,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(GRIDS), help="comma-separated methods (default: all)")
     p.add_argument("--model", default=None, help="base model ('tiny' or a diffusers folder)")
     p.add_argument("--out", type=Path, default=None, help="table: where to write tuning.json and tuning.md")
+    p.add_argument("--docs", type=Path, default=None,
+                   help="table: also write the table between the tuning-table markers of this file (docs/DEFAULTS.md)")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="run: only every N-th tuning bench from the K-th (one bench per method, one per Textual "
                         "Inversion steps value), so N processes or machines share the grids; table reads them all")
@@ -218,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"winner (bold) = {doc['criterion']}. Reproduce: {COMMAND}."
                 + (f" Grids not yet complete: {', '.join(incomplete)}." if incomplete else "") + "\n\n")
         (args.out / "tuning.md").write_text(head + md)
+        if args.docs:
+            args.docs.write_text(with_table(args.docs.read_text(), head + md))
     return 0
 
 

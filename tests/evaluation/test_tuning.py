@@ -109,3 +109,33 @@ def test_the_table_names_the_base_model_and_the_command(tuning):
     table_doc, _ = tuning.table({"ewc-dc": tuning.grid_points(doc, "ewc-dc")})
     assert table_doc["models"] == [{"reference": "tiny", "fingerprint": "abc"}]
     assert table_doc["command"].startswith("python benchmarks/tuning.py run")
+
+
+RESULTS = BENCHMARKS / "results" / "tuning"
+DEFAULTS_DOC = BENCHMARKS.parent / "docs" / "DEFAULTS.md"
+
+
+def test_every_complete_grid_s_winner_is_its_method_s_default(tuning):
+    from conceptstream.methods.registry import default_steps, method_defaults
+
+    doc = json.loads((RESULTS / "tuning.json").read_text())
+    complete = {m: e["winner"] for m, e in doc["methods"].items() if e["complete"]}
+    assert {"lora", "lora-ewc", "textual-inversion"} <= set(complete)
+    for method, best in complete.items():
+        grid = tuning.GRIDS[method]
+        defaults = {**method_defaults(method, "lora"), "steps": default_steps(method)}
+        for key in (grid.lr_key, grid.knob):
+            assert defaults[key] == pytest.approx(best[key]), (method, key, defaults[key], best[key])
+
+
+def test_the_defaults_doc_holds_the_committed_tuning_table(tuning):
+    text = DEFAULTS_DOC.read_text()
+    assert tuning.with_table(text, (RESULTS / "tuning.md").read_text()) == text
+
+
+def test_the_table_replaces_only_the_text_between_the_markers(tuning):
+    doc = "# Defaults\n\n{begin}| {table} |\n{end}\n## Later\n"
+    old = doc.format(begin=tuning.DOCS_BEGIN, table="old", end=tuning.DOCS_END)
+    assert tuning.with_table(old, "| new |\n") == doc.format(begin=tuning.DOCS_BEGIN, table="new", end=tuning.DOCS_END)
+    with pytest.raises(ValueError, match="needs one"):
+        tuning.with_table("# no markers\n", "| new |\n")

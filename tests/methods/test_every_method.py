@@ -42,9 +42,10 @@ def test_adapter_kind_sets_the_default_learning_rate_and_a_saved_stream_keeps_it
     from conceptstream.adapters.registry import ADAPTERS
 
     assert ADAPTERS["vera"].default_lr > ADAPTERS["lora"].default_lr  # VeRA's vectors need the larger step
-    for adapter in ("lora", "vera"):
+    for adapter in ("lora", "vera"):  # the kind's rate, unless the method has its own for it (a tuning winner)
         stream = new_stream(bundled_model_path, "lora", adapter=adapter)
-        assert stream.method.hparams["lr"] == ADAPTERS[adapter].default_lr
+        assert stream.method.hparams["lr"] == type(stream.method).adapter_lr.get(adapter, ADAPTERS[adapter].default_lr)
+    assert new_stream(bundled_model_path, "lora", adapter="vera").method.hparams["lr"] == ADAPTERS["vera"].default_lr
     explicit = new_stream(bundled_model_path, "ewc-dc", adapter="vera", lr=3e-4, dc_temperature=0.01)
     assert explicit.method.hparams["lr"] == 3e-4 and explicit.settings.dc.temperature == 0.01
     # the optimizer really uses it

@@ -136,7 +136,7 @@ class ContinualMethod:
     state_growth: ClassVar[str] = "none beyond one token row per concept"
     # The config dataclasses whose fields are the method's settings (methods/config.py), in manifest order.
     configs: ClassVar[tuple[type, ...]] = (TrainConfig,)
-    # Overrides of the configs' defaults for one method (none of the built-in methods needs one).
+    # Overrides of the configs' defaults for one method (its tuning winner, docs/DEFAULTS.md).
     defaults: ClassVar[dict[str, Any]] = {}
     # A method whose best adapter step differs from the adapter kind's default, by adapter kind.
     adapter_lr: ClassVar[dict[str, float]] = {}
