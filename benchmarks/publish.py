@@ -43,14 +43,12 @@ def publish(src: Path, dst: Path) -> float:
 
 def snippet(doc: dict, dst: Path, command: str) -> str:
     """The README block of one published result: provenance line, summary table, paired tables."""
-    from conceptstream.evaluation.report import paired_note, paired_references, paired_table, summary_table
+    from conceptstream.evaluation.report import paired_note, paired_references, paired_table, steps_text, summary_table
 
     s = doc["settings"]
-    per_task = sorted(set((s.get("steps_per_task") or {}).values()))
-    steps = s.get("steps") or "/".join(str(n) for n in per_task) or "default"
     lines = [f"Split **{s.get('split', 'test')}**, `{s['sequence']}` ({len(s['concepts'])} concepts), base model "
              f"`{s['model']['reference']}` (fingerprint `{s['model']['fingerprint']}`), adapter `{s['adapter']}`, "
-             f"{steps} steps per task, seeds {s['seeds']}"
+             f"{steps_text(s)}, seeds {s['seeds']}"
              + ("" if doc.get("complete") else " (**incomplete**: finished runs only)")
              + f". Reproduce: `{command}`; full report: `{dst.as_posix()}/report.md`.", "",
              *summary_table(doc), ""]

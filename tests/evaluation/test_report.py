@@ -153,3 +153,7 @@ def test_publish_snippet_names_split_model_seeds_command_and_has_both_paired_tab
     assert "seeds [0, 1, 2, 3, 4]" in first and "`STAGES=t6-v2 bash benchmarks/run_tabletop.sh`" in first
     assert "benchmarks/results/x/report.md" in first and "incomplete" not in first
     assert "| method - `lora` |" in text and "| method - `ewc-dc` |" in text
+    # methods with their own budgets (Textual Inversion's 1000 steps): each run's, as the report says them
+    doc["settings"].update(steps=None, steps_per_task={"lora": 200, "textual-inversion": 1000})
+    first = publish.snippet(doc, Path("benchmarks/results/x"), "x").splitlines()[0]
+    assert "`lora` 200, `textual-inversion` 1000 steps per task" in first

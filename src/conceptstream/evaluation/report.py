@@ -417,6 +417,14 @@ def task_grid(doc: Mapping[str, Any], out: Path, label: str, path: Path) -> bool
 # ------------------------------------------------------------------------------ the report
 
 
+def steps_text(settings: Mapping[str, Any]) -> str:
+    """"200 steps per task", or each run's budget when methods have their own (Textual Inversion's)."""
+    per_task = settings.get("steps_per_task") or {}
+    if len(set(per_task.values())) > 1:
+        return ", ".join(f"`{label}` {n}" for label, n in per_task.items()) + " steps per task"
+    return f"{settings.get('steps') or next(iter(per_task.values()), 'default')} steps per task"
+
+
 def _settings_lines(doc: Mapping[str, Any]) -> list[str]:
     s = doc["settings"]
     g = s["generation"]
@@ -425,11 +433,7 @@ def _settings_lines(doc: Mapping[str, Any]) -> list[str]:
     concepts = ", ".join(f"`{c['token']}` ({c['noun']}, {c['train_images']} train"
                          + (f" / {c['val_images']} val" if c.get("val_images") else "")
                          + f" / {c['eval_images']} test)" for c in s["concepts"])
-    per_task = s.get("steps_per_task") or {}
-    if len(set(per_task.values())) > 1:  # methods with their own default budgets
-        steps = ", ".join(f"`{label}` {n}" for label, n in per_task.items()) + " steps per task"
-    else:
-        steps = f"{s['steps'] or next(iter(per_task.values()), 'default')} steps per task"
+    steps = steps_text(s)
     lines = [
         f"- **Sequence**: `{s['sequence']}`, {len(s['concepts'])} concepts: {concepts}",
         f"- **Split**: every score is against the **{s.get('split', 'test')}** views"
