@@ -45,3 +45,17 @@ def test_learn_help_lists_the_registered_adapters(capsys):
     text = learn.format_help()
     assert all(kind in text for kind in adapter_kinds())
     assert parser.parse_args(["learn", "s", "--images", "x", "--adapter", "vera"]).adapter == "vera"
+
+
+def test_the_steps_help_states_every_method_s_own_budget():
+    from conceptstream.cli import STEPS_DEFAULT_HELP
+    from conceptstream.methods.config import DEFAULT_STEPS
+    from conceptstream.methods.registry import default_steps, method_names
+
+    assert f"the method's own, {DEFAULT_STEPS};" in STEPS_DEFAULT_HELP
+    for name in method_names():
+        if default_steps(name) != DEFAULT_STEPS:
+            assert f"{name} {default_steps(name)}" in STEPS_DEFAULT_HELP, name
+    steps = [action.help for path, action in _walk(build_parser()) if "--steps" in action.option_strings
+             and path in {("learn",), ("demo",)}]
+    assert len(steps) == 2 and all(STEPS_DEFAULT_HELP in h for h in steps)

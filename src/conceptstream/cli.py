@@ -34,6 +34,8 @@ class _AdapterKinds:
 
 
 DEVICE_HELP = "torch device, e.g. cpu, cuda or cuda:1 (default: the GPU if there is one, else the CPU)"
+# Every built-in method's own steps per task (ContinualMethod.default_steps; tests/test_cli_help.py checks it)
+STEPS_DEFAULT_HELP = "default: the method's own, 200; textual-inversion 1000 (docs/DEFAULTS.md)"
 MODEL_HELP = "base model: 'tiny' (bundled, the default), a diffusers SD 1.x/2.x or SDXL pipeline folder, or a hub id"
 
 
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--model", default=None,
                     help=MODEL_HELP + "; later calls default to the state's own and refuse another model")
     lp.add_argument("--steps", type=int, default=None,
-                    help="training steps (default: the method's own, 200 for every built-in method)")
+                    help=f"training steps ({STEPS_DEFAULT_HELP})")
     lp.add_argument("--seed", type=int, default=None,
                     help="training seed (default 0); on a new stream it also seeds the adapter's initialisation")
     lp.add_argument("--device", default=None, help=DEVICE_HELP)
@@ -183,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("demo", help="learn a 3-concept tabletop stream with ewc-dc and write grids + a report")
     dp.add_argument("--out", default="out/demo", help="folder for data, state, grids and report.md (default %(default)s)")
     dp.add_argument("--steps", type=int, default=None,
-                    help="training steps per concept (default: the method's own, 200 for every built-in method)")
+                    help=f"training steps per concept ({STEPS_DEFAULT_HELP})")
     dp.add_argument("--method", default="ewc-dc", help="continual method (default %(default)s)")
 
     sp = sub.add_parser("bench-speed", help="time, memory and state size of every method as ratios (vs lora, vs the "
