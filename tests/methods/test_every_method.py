@@ -58,10 +58,12 @@ def test_adapter_kind_sets_the_default_learning_rate_and_a_saved_stream_keeps_it
     assert api.open_stream(tmp_path / "state").method.hparams["lr"] == 2e-3
     with pytest.raises(UserInputError, match="unknown adapter"):
         new_stream(bundled_model_path, "lora", adapter="dora")
-    # a method with its own rate for an adapter kind (C-LoRA, tuned on tabletop-6) overrides the kind's
-    from conceptstream.methods.c_lora import CLoRA
+    # a method with its own rate for an adapter kind (lora-ewc's tuning winner) overrides the kind's
+    from conceptstream.methods.lora_ewc import LoRAEWC
 
-    assert new_stream(bundled_model_path, "c-lora").method.hparams["lr"] == CLoRA.adapter_lr["lora"] != 1e-3
-    assert new_stream(bundled_model_path, "c-lora", lr=1e-3).method.hparams["lr"] == 1e-3
+    own = LoRAEWC.adapter_lr["lora"]
+    assert own != ADAPTERS["lora"].default_lr
+    assert new_stream(bundled_model_path, "lora-ewc").method.hparams["lr"] == own
+    assert new_stream(bundled_model_path, "lora-ewc", lr=1e-3).method.hparams["lr"] == 1e-3
     with pytest.raises(UserInputError, match="'c-lora' is defined on lora adapters.*--adapter lora"):
         new_stream(bundled_model_path, "c-lora", adapter="vera")
