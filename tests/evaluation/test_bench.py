@@ -119,7 +119,7 @@ def test_variants_labels_dirs_and_sweeps():
     # a run's recorded settings carry the adapter's learning rate (so runs under another default are refused)
     from conceptstream.methods.registry import method_defaults
 
-    assert method_defaults("ewc-dc", "vera")["lr"] == 1e-2 and method_defaults("ewc-dc", "lora")["lr"] == 1e-3
+    assert method_defaults("ewc-dc", "vera")["lr"] == 1e-2 and method_defaults("ewc-dc", "lora")["lr"] == 3e-4
     assert method_defaults("custom-diffusion", None)["lr"] == 1e-4  # no adapter: the method's own rate
     with pytest.raises(UserInputError, match="no_such_setting"):
         expand_variants(["lora"], "lora", {"no_such_setting": [1]})
@@ -395,7 +395,7 @@ def test_report_links_point_to_existing_files(bench_dir):
     assert any("heatmap-MMD" in p for p in images) and any("grid-final" in p for p in images)
     assert any("multi/pair" in p for p in images)
     settings_row = next(line for line in text.splitlines() if line.startswith("| `ewc-dc` | `"))
-    assert "`lr=0.001`" in settings_row and "`ewc_lambda=" in settings_row  # every setting, defaults included
+    assert "`lr=0.0003`" in settings_row and "`ewc_lambda=" in settings_row  # every setting, defaults included
 
 
 def test_rerun_skips_finished_runs(bench_dir, tiny_model, monkeypatch):
