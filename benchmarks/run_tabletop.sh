@@ -86,13 +86,15 @@ for stage in $STAGES; do
                    # the old dsc_iters=100 as variants), 6 timed tasks so a k=5 candidate set fills up
       $CS bench-speed --parts training --timed-tasks 6 --label levers --out "${SPEED_OUT:-benchmarks/results}" \
         --methods "lora,ewc-dc,ewc-dc[dc_k=5,dc_batch=2],ewc-dc[dc_k=5],ewc-dc[dc_batch=2],dsc-ewc-dc,dsc-ewc-dc[dc_k=5,dc_batch=2,dsc_iters=100]" ;;
-    tune)
-      if [ "$SHARDS" -le 1 ]; then
-        $PY benchmarks/tuning.py run --root "$OUT/tuning" --model "$MODEL"
-      else
-        in_shards "$OUT/tuning.shard" $PY benchmarks/tuning.py run --root "$OUT/tuning" --model "$MODEL"
-      fi
-      $PY benchmarks/tuning.py table --root "$OUT/tuning" --out benchmarks/results/tuning --docs docs/DEFAULTS.md ;;
+    tune)  # the grids, their table (the winners), then the token-rate round at those winners, and the final table
+      for round in grid token; do
+        if [ "$SHARDS" -le 1 ]; then
+          $PY benchmarks/tuning.py run --round $round --root "$OUT/tuning" --model "$MODEL"
+        else
+          in_shards "$OUT/tuning.shard" $PY benchmarks/tuning.py run --round $round --root "$OUT/tuning" --model "$MODEL"
+        fi
+        $PY benchmarks/tuning.py table --root "$OUT/tuning" --out benchmarks/results/tuning --docs docs/DEFAULTS.md
+      done ;;
     t6-v2)
       bench_v2 "$OUT/v2-tabletop-6-lora" --model "$MODEL" --sequence tabletop-6 --split test --adapter lora --seeds 5 \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion,single-task,joint ;;

@@ -7,6 +7,7 @@ point with the lowest mean val ``A_MMD`` over the seeds (the criterion is fixed 
 to the smaller learning rate, then the smaller knob). The test split is never read here.
 
     python benchmarks/tuning.py run --root bench/tuning [--methods lora,ewc-dc] [--model tiny]
+    python benchmarks/tuning.py run --round token --root bench/tuning    # after the grids: the token's rate
     python benchmarks/tuning.py table --root bench/tuning --out benchmarks/results/tuning --docs docs/DEFAULTS.md
 
 ``run`` is resumable (each bench skips finished runs; rerun the same command). ``table`` reads every
@@ -14,7 +15,12 @@ finished tuning bench under ``--root``, writes ``tuning.json`` (every grid point
 val numbers, and the winner per method) and ``tuning.md`` (the table for docs/DEFAULTS.md), and prints the
 winners. A method with no bench under ``--root`` keeps its points from an existing ``--out/tuning.json``, so
 a campaign spread over machines or sessions whose work dirs are lost adds to the committed table.
-Changing a method's defaults to its winner is a deliberate edit of ``methods/`` and ``docs/DEFAULTS.md``
+The second round (``--round token``) evens out one axis: ``lora``'s knob is the token's rate (it has no
+regulariser) and the grids of ``custom-diffusion`` and ``textual-inversion`` include it, while every other
+method ran its grid at the token rate's default. Each of those others reruns its grid winner (read from the
+committed ``tuning.json``) at :data:`TOKEN_RATES`, the other token rates of ``lora``'s grid; its final setting
+is the best of the three points, by the same criterion. Changing a method's defaults to its winner is a
+deliberate edit of ``methods/`` and ``docs/DEFAULTS.md``
 that cites this table.
 """
 
@@ -34,7 +40,7 @@ CRITERION = "A_MMD"  # lower is better; mean over the tuning seeds on the val sp
 # Score every seen concept only after the last of tabletop-6's 6 tasks (each earlier task scores its new
 # concept only): A_MMD (the last row) and BwT (the diagonal) are the same, at about half the scoring time.
 EVAL_EVERY = 6
-COMMAND = ("python benchmarks/tuning.py run --root bench/tuning [--shard K/N]; "
+COMMAND = ("python benchmarks/tuning.py run --root bench/tuning [--shard K/N]; the same with --round token; "
            "python benchmarks/tuning.py table --root bench/tuning --out benchmarks/results/tuning "
            "(or STAGES=tune [SHARDS=2] bash benchmarks/run_tabletop.sh)")
 
@@ -73,6 +79,39 @@ GRIDS: dict[str, Grid] = {
 }
 
 
+# The token round: the other token rates of lora's grid, and the one every grid without the token rate ran at
+TOKEN_RATES = (2e-3, 2e-2)
+GRID_TOKEN_LR = 5e-3
+WINNERS = Path(__file__).resolve().parent / "results" / "tuning" / "tuning.json"
+
+
+def token_round_methods() -> list[str]:
+    """The methods whose grid does not tune the token's rate."""
+    return [m for m, g in GRIDS.items() if "token_lr" not in (g.lr_key, g.knob)]
+
+
+def token_jobs(root: Path, methods: Sequence[str], winners: Mapping[str, Mapping[str, Any]]
+               ) -> list[tuple[Path, dict[str, Any]]]:
+    """``(out folder, run_bench options)`` of the token round: each method's grid winner at :data:`TOKEN_RATES`."""
+    jobs = []
+    for m in methods:
+        if m not in token_round_methods() or m not in winners:
+            continue
+        grid, best = GRIDS[m], winners[m]
+        jobs.append((root / f"{m}-token", {
+            "sequence": SEQUENCE, "split": "val", "seeds": SEEDS, "methods": [m], "eval_every": EVAL_EVERY,
+            "hparams": {grid.lr_key: best[grid.lr_key], grid.knob: best[grid.knob]},
+            "sweep": {"token_lr": list(TOKEN_RATES)}, **({"steps": grid.steps} if grid.steps else {}), **grid.extra}))
+    return jobs
+
+
+def complete_winners(path: Path) -> dict[str, dict[str, Any]]:
+    """``{method: winner}`` of every complete grid in a tuning.json."""
+    if not path.is_file():
+        return {}
+    return {m: e["winner"] for m, e in json.loads(path.read_text())["methods"].items() if e.get("complete")}
+
+
 def bench_jobs(root: Path, methods: Sequence[str]) -> list[tuple[Path, dict[str, Any]]]:
     """``(out folder, run_bench options)`` of every tuning bench of ``methods``."""
     jobs = []
@@ -109,6 +148,7 @@ def grid_points(doc: Mapping[str, Any], method: str) -> list[dict[str, Any]]:
         per_seed = {k: r.get("summary", {}) for k, r in seeds.items()}
         point = {"method": method, "label": label, grid.lr_key: settings.get(grid.lr_key),
                  grid.knob: steps if grid.knob == "steps" else settings.get(grid.knob),
+                 "token_lr": settings.get("token_lr"),
                  "seeds": sorted(int(k) for k in seeds), "per_seed": per_seed,
                  "model": doc["settings"].get("model"), "data_fingerprint": doc["settings"].get("data_fingerprint")}
         for key in (CRITERION, "plasticity_MMD", "BwT_MMD", "DC_acc", "DC_acc_own_class"):
@@ -126,19 +166,32 @@ def winner(points: Sequence[Mapping[str, Any]], method: str) -> Mapping[str, Any
     return min(scored, key=lambda p: (p[CRITERION], p[grid.lr_key], p[grid.knob]))
 
 
-def collect(root: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every method's grid points from the tuning benches under ``root``."""
+def collect(root: Path, suffix: str = "") -> dict[str, list[dict[str, Any]]]:
+    """Every method's grid points from the tuning benches under ``root`` (``suffix="-token"``: the token round's)."""
     found: dict[str, list[dict[str, Any]]] = {}
     for method in GRIDS:
-        for out, _ in bench_jobs(root, [method]):
+        outs = [out for out, _ in bench_jobs(root, [method])] if not suffix else [root / f"{method}{suffix}"]
+        for out in outs:
             path = out / "results.json"
             if path.is_file():
                 found.setdefault(method, []).extend(grid_points(json.loads(path.read_text()), method))
     return found
 
 
-def table(found: Mapping[str, list[Mapping[str, Any]]]) -> tuple[dict[str, Any], str]:
-    """The tuning document and its Markdown table (every grid point; the winner in bold)."""
+def token_round(grid_best: Mapping[str, Any], points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The token round of one method: its grid winner (at the token rate the grid ran at) against its points at
+    :data:`TOKEN_RATES`; ``final`` is the best of them by the same criterion."""
+    first = {**grid_best, "token_lr": grid_best.get("token_lr") or GRID_TOKEN_LR}
+    scored = [p for p in [first, *points] if p.get(CRITERION) is not None]
+    return {"token_rates": list(TOKEN_RATES), "grid_winner": first, "points": list(points),
+            "final": min(scored, key=lambda p: p[CRITERION]), "complete": len(points) == len(TOKEN_RATES)}
+
+
+def table(found: Mapping[str, list[Mapping[str, Any]]], token_found: Mapping[str, list[Mapping[str, Any]]] | None = None
+          ) -> tuple[dict[str, Any], str]:
+    """The tuning document and its Markdown tables (every grid point, the winner in bold; then the token round,
+    its final setting in bold). A method's ``final`` is what its defaults must be: the grid winner's rate and
+    knob, and the token round's token rate once that round is complete."""
     models = sorted({json.dumps(p.get("model"), sort_keys=True) for pts in found.values() for p in pts})
     doc: dict[str, Any] = {"sequence": SEQUENCE, "split": "val", "seeds_per_point": SEEDS,
                            "criterion": f"lowest mean val {CRITERION} over the seeds",
@@ -159,7 +212,32 @@ def table(found: Mapping[str, list[Mapping[str, Any]]]) -> tuple[dict[str, Any],
             if p is best:
                 cells = [f"**{c}**" for c in cells]
             lines.append("| " + " | ".join(cells) + " |")
-    return doc, "\n".join(lines) + "\n"
+        entry = doc["methods"][method]
+        if entry["complete"] and best:
+            entry["final"] = dict(entry["winner"])
+    token_lines: list[str] = []
+    for method, points in (token_found or {}).items():
+        entry = doc["methods"].get(method)
+        if not entry or not entry.get("final"):
+            continue  # a token round needs its method's complete grid
+        grid = GRIDS[method]
+        entry["token_round"] = rnd = token_round(winner(found[method], method), points)
+        if rnd["complete"]:
+            entry["final"] = {k: rnd["final"][k] for k in (grid.lr_key, grid.knob, "token_lr", CRITERION)}
+        for p in sorted([rnd["grid_winner"], *points], key=lambda p: p["token_lr"]):
+            cells = [f"`{method}`", f"{grid.lr_key}={p[grid.lr_key]}", f"{grid.knob}={p[grid.knob]}",
+                     f"token_lr={p['token_lr']}", str(len(p["seeds"])), fmt(p[CRITERION], 1),
+                     fmt(p["plasticity_MMD"], 1), fmt(p["BwT_MMD"], 1), fmt(p["DC_acc"], 3)]
+            if rnd["complete"] and p is rnd["final"]:
+                cells = [f"**{c}**" for c in cells]
+            token_lines.append("| " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    if token_lines:
+        md += ("\nToken-rate round: each grid winner above (run at the token rate of its grid) against "
+               f"token_lr {' and '.join(str(r) for r in TOKEN_RATES)}; the final setting in bold (once both ran).\n\n"
+               f"| method | learning rate | knob | token rate | seeds | val {CRITERION} ↓ | val plasticity ↓ | "
+               "val BwT ↑ | val DC acc ↑ |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(token_lines) + "\n")
+    return doc, md
 
 
 DOCS_BEGIN = "<!-- tuning table: written by benchmarks/tuning.py table --docs -->\n"
@@ -183,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="table: where to write tuning.json and tuning.md")
     p.add_argument("--docs", type=Path, default=None,
                    help="table: also write the table between the tuning-table markers of this file (docs/DEFAULTS.md)")
+    p.add_argument("--round", choices=("grid", "token"), default="grid",
+                   help="run: the grids, or the token-rate round at each complete grid's winner (read from --winners)")
+    p.add_argument("--winners", type=Path, default=WINNERS,
+                   help="run --round token: the tuning.json with the grid winners (default: the committed one)")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="run: only every N-th tuning bench from the K-th (one bench per method, one per Textual "
                         "Inversion steps value), so N processes or machines share the grids; table reads them all")
@@ -196,7 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from conceptstream.evaluation.bench import run_bench
         from conceptstream.evaluation.bench.settings import parse_shard
 
-        jobs = bench_jobs(args.root, methods)
+        if args.round == "token":
+            jobs = token_jobs(args.root, methods, complete_winners(args.winners))
+            if not jobs:
+                print(f"[tuning] no token round to run: no complete grid of {', '.join(token_round_methods())} "
+                      f"in {args.winners}", flush=True)
+        else:
+            jobs = bench_jobs(args.root, methods)
         try:
             shard = parse_shard(args.shard)
         except UserInputError as exc:
@@ -206,21 +294,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs = jobs[k - 1::n]
         for out, options in jobs:
             print(f"[tuning] {out}: {options['methods'][0]} sweep {options['sweep']}"
+                  + (f" at {options['hparams']}" if "hparams" in options else "")
                   + (f", {options['steps']} steps" if "steps" in options else ""), flush=True)
             run_bench(out, model=args.model, **options)
         return 0
     found = {m: pts for m, pts in collect(args.root).items() if m in methods}
+    token_found = {m: pts for m, pts in collect(args.root, "-token").items() if m in methods}
     previous = args.out / "tuning.json" if args.out else None
     if previous is not None and previous.is_file():  # a method tuned in an earlier session whose benches are gone
-        kept = {m: e["points"] for m, e in json.loads(previous.read_text())["methods"].items()
-                if m in methods and m not in found}
-        if kept:
-            print(f"kept from {previous} (no benches under --root): {', '.join(kept)}")
+        entries = json.loads(previous.read_text())["methods"]
+        kept = {m: e["points"] for m, e in entries.items() if m in methods and m not in found}
+        kept_token = {m: e["token_round"]["points"] for m, e in entries.items()
+                      if m in methods and m not in token_found and e.get("token_round")}
+        if kept or kept_token:
+            print(f"kept from {previous} (no benches under --root): {', '.join(sorted({*kept, *kept_token}))}")
         found = {m: found.get(m) or kept[m] for m in GRIDS if m in found or m in kept}
-    doc, md = table(found)
+        token_found = {m: token_found.get(m) or kept_token[m] for m in GRIDS if m in token_found or m in kept_token}
+    doc, md = table(found, token_found)
     print(md)
     for m, entry in doc["methods"].items():
-        print(f"{m}: winner {entry['winner']}" + ("" if entry["complete"] else " (grid incomplete)"))
+        print(f"{m}: winner {entry['winner']}" + ("" if entry["complete"] else " (grid incomplete)")
+              + (f"; final {entry['final']}" if entry.get("final") else ""))
     if args.out:
         from conceptstream.safeio import write_json_atomic
 

@@ -115,17 +115,79 @@ RESULTS = BENCHMARKS / "results" / "tuning"
 DEFAULTS_DOC = BENCHMARKS.parent / "docs" / "DEFAULTS.md"
 
 
-def test_every_complete_grid_s_winner_is_its_method_s_default(tuning):
+def test_every_complete_grid_s_final_setting_is_its_method_s_default(tuning):
+    """The committed table's ``final`` (grid winner, then the token round's rate once it ran) is in the code."""
     from conceptstream.methods.registry import default_steps, method_defaults
 
     doc = json.loads((RESULTS / "tuning.json").read_text())
-    complete = {m: e["winner"] for m, e in doc["methods"].items() if e["complete"]}
-    assert {"lora", "lora-ewc", "textual-inversion"} <= set(complete)
-    for method, best in complete.items():
-        grid = tuning.GRIDS[method]
+    final = {m: e["final"] for m, e in doc["methods"].items() if e["complete"]}
+    assert {"lora", "lora-ewc", "c-lora", "ewc-dc", "textual-inversion"} <= set(final)
+    for method, best in final.items():
         defaults = {**method_defaults(method, "lora"), "steps": default_steps(method)}
-        for key in (grid.lr_key, grid.knob):
-            assert defaults[key] == pytest.approx(best[key]), (method, key, defaults[key], best[key])
+        for key, value in best.items():
+            if key != tuning.CRITERION:
+                assert defaults[key] == pytest.approx(value), (method, key, defaults[key], value)
+
+
+def _token_doc(method: str, lr: float, knob: str, value: float, rates: dict[float, list[float]]) -> dict:
+    """A results.json of a token-round bench: per token rate the val A_MMD of each seed."""
+    runs = {}
+    for rate, values in rates.items():
+        seeds = {str(k): {"config": {"settings": {"lr": lr, knob: value, "token_lr": rate}},
+                          "summary": {"A_MMD": v, "plasticity_MMD": v, "BwT_MMD": 0.0, "DC_acc": 1.0}}
+                 for k, v in enumerate(values)}
+        runs[f"{method}[token_lr={rate}]"] = {"method": method, "seeds": seeds}
+    return {"settings": {"split": "val", "steps": 200}, "runs": runs}
+
+
+def test_the_token_round_reruns_each_winner_of_a_grid_without_the_token_rate(tuning, tmp_path):
+    assert set(tuning.token_round_methods()) == {"lora-ewc", "c-lora", "ewc-dc", "dsc", "dsc-ewc", "dsc-ewc-dc"}
+    winners = {"ewc-dc": {"lr": 3e-4, "ewc_lambda": 10.0, "A_MMD": 274.0},
+               "lora": {"lr": 3e-4, "token_lr": 2e-3, "A_MMD": 246.0}}
+    (out, opts), = tuning.token_jobs(tmp_path, ["lora", "ewc-dc", "dsc"], winners)  # dsc: no complete grid yet
+    assert out == tmp_path / "ewc-dc-token"
+    assert opts["hparams"] == {"lr": 3e-4, "ewc_lambda": 10.0} and opts["sweep"] == {"token_lr": [2e-3, 2e-2]}
+    assert opts["split"] == "val" and opts["seeds"] == 2 and opts["methods"] == ["ewc-dc"]
+    (tmp_path / "t.json").write_text(json.dumps({"methods": {
+        "ewc-dc": {"complete": True, "winner": winners["ewc-dc"]},
+        "dsc": {"complete": False, "winner": {"lr": 1e-3, "dsc_iters": 10, "A_MMD": 227.0}}}}))
+    assert tuning.complete_winners(tmp_path / "t.json") == {"ewc-dc": winners["ewc-dc"]}
+
+
+def test_the_final_setting_is_the_best_of_the_grid_winner_and_the_token_round(tuning):
+    grid = {(lr, lam): [300.0 + 10 * i + j, 301.0 + 10 * i + j] for i, lr in enumerate((3e-4, 1e-3, 3e-3))
+            for j, lam in enumerate((10.0, 100.0, 1000.0))}
+    points = tuning.grid_points(_doc(grid), "ewc-dc")  # winner: lr 3e-4, lambda 10, 300.5 at token_lr 5e-3
+    better = tuning.grid_points(_token_doc("ewc-dc", 3e-4, "ewc_lambda", 10.0, {2e-3: [290.0, 292.0]}), "ewc-dc")
+    doc, md = tuning.table({"ewc-dc": points}, {"ewc-dc": better})
+    entry = doc["methods"]["ewc-dc"]
+    assert entry["final"] == {"lr": 3e-4, "ewc_lambda": 10.0, "A_MMD": 300.5}  # the round is not complete yet
+    assert not entry["token_round"]["complete"] and "Token-rate round" in md
+    both = tuning.grid_points(_token_doc("ewc-dc", 3e-4, "ewc_lambda", 10.0, {2e-3: [290.0, 292.0],
+                                                                              2e-2: [310.0, 312.0]}), "ewc-dc")
+    doc, md = tuning.table({"ewc-dc": points}, {"ewc-dc": both})
+    assert doc["methods"]["ewc-dc"]["final"] == {"lr": 3e-4, "ewc_lambda": 10.0, "token_lr": 2e-3, "A_MMD": 291.0}
+    assert "| **`ewc-dc`** | **lr=0.0003** | **ewc_lambda=10.0** | **token_lr=0.002** |" in md
+    assert "| `ewc-dc` | lr=0.0003 | ewc_lambda=10.0 | token_lr=0.005 | 2 | 300.5 |" in md  # the grid's own rate
+    worse = tuning.grid_points(_token_doc("ewc-dc", 3e-4, "ewc_lambda", 10.0, {2e-3: [320.0, 322.0],
+                                                                               2e-2: [310.0, 312.0]}), "ewc-dc")
+    doc, _ = tuning.table({"ewc-dc": points}, {"ewc-dc": worse})
+    assert doc["methods"]["ewc-dc"]["final"]["token_lr"] == 5e-3  # the grid's rate stays
+
+
+def test_the_token_round_is_kept_from_the_committed_table_when_its_benches_are_gone(tuning, tmp_path):
+    root, out = tmp_path / "root", tmp_path / "t"
+    grid = {(lr, lam): [300.0 + 10 * i + j] * 2 for i, lr in enumerate((3e-4, 1e-3, 3e-3))
+            for j, lam in enumerate((10.0, 100.0, 1000.0))}
+    for name, doc in (("ewc-dc", _doc(grid)), ("ewc-dc-token", _token_doc(
+            "ewc-dc", 3e-4, "ewc_lambda", 10.0, {2e-3: [290.0, 290.0], 2e-2: [299.0, 299.0]}))):
+        (root / name).mkdir(parents=True)
+        (root / name / "results.json").write_text(json.dumps(doc))
+    assert tuning.main(["table", "--root", str(root), "--out", str(out)]) == 0
+    (root / "ewc-dc-token" / "results.json").unlink()
+    assert tuning.main(["table", "--root", str(root), "--out", str(out)]) == 0
+    entry = json.loads((out / "tuning.json").read_text())["methods"]["ewc-dc"]
+    assert entry["final"]["token_lr"] == 2e-3 and entry["token_round"]["complete"]
 
 
 def test_the_defaults_doc_holds_the_committed_tuning_table(tuning):
