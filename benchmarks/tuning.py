@@ -98,11 +98,16 @@ def token_jobs(root: Path, methods: Sequence[str], winners: Mapping[str, Mapping
         if m not in token_round_methods() or m not in winners:
             continue
         grid, best = GRIDS[m], winners[m]
-        jobs.append((root / f"{m}-token", {
-            "sequence": SEQUENCE, "split": "val", "seeds": SEEDS, "methods": [m], "eval_every": EVAL_EVERY,
-            "hparams": {grid.lr_key: best[grid.lr_key], grid.knob: best[grid.knob]},
-            "sweep": {"token_lr": list(TOKEN_RATES)}, **({"steps": grid.steps} if grid.steps else {}), **grid.extra}))
+        jobs.append((root / f"{m}-token", {**_options(m), "sweep": {"token_lr": list(TOKEN_RATES)},
+                                           "hparams": {grid.lr_key: best[grid.lr_key], grid.knob: best[grid.knob]}}))
     return jobs
+
+
+def _options(method: str) -> dict[str, Any]:
+    """The run_bench options every tuning bench of ``method`` shares: tabletop-6 val, 2 seeds, its steps."""
+    grid = GRIDS[method]
+    return {"sequence": SEQUENCE, "split": "val", "seeds": SEEDS, "methods": [method], "eval_every": EVAL_EVERY,
+            **({"steps": grid.steps} if grid.steps else {}), **grid.extra}
 
 
 def complete_winners(path: Path) -> dict[str, dict[str, Any]]:
@@ -117,13 +122,11 @@ def bench_jobs(root: Path, methods: Sequence[str]) -> list[tuple[Path, dict[str,
     jobs = []
     for m in methods:
         grid = GRIDS[m]
-        base = {"sequence": SEQUENCE, "split": "val", "seeds": SEEDS, "methods": [m], "sweep": grid.sweep(),
-                "eval_every": EVAL_EVERY,
-                **grid.extra}
+        base = {**_options(m), "sweep": grid.sweep()}
         if grid.knob == "steps":
             jobs += [(root / f"{m}-steps{v}", {**base, "steps": int(v)}) for v in grid.knob_values]
         else:
-            jobs.append((root / m, {**base, **({"steps": grid.steps} if grid.steps else {})}))
+            jobs.append((root / m, base))
     return jobs
 
 
