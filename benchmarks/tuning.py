@@ -181,13 +181,18 @@ def collect(root: Path, suffix: str = "") -> dict[str, list[dict[str, Any]]]:
     return found
 
 
+def all_seeds(points: Sequence[Mapping[str, Any]], count: int) -> bool:
+    """Whether ``count`` grid points have finished, each on every tuning seed."""
+    return len(points) == count and all(len(p["seeds"]) == SEEDS for p in points)
+
+
 def token_round(grid_best: Mapping[str, Any], points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The token round of one method: its grid winner (at the token rate the grid ran at) against its points at
     :data:`TOKEN_RATES`; ``final`` is the best of them by the same criterion."""
     first = {**grid_best, "token_lr": grid_best.get("token_lr") or GRID_TOKEN_LR}
     scored = [p for p in [first, *points] if p.get(CRITERION) is not None]
     return {"token_rates": list(TOKEN_RATES), "grid_winner": first, "points": list(points),
-            "final": min(scored, key=lambda p: p[CRITERION]), "complete": len(points) == len(TOKEN_RATES)}
+            "final": min(scored, key=lambda p: p[CRITERION]), "complete": all_seeds(points, len(TOKEN_RATES))}
 
 
 def table(found: Mapping[str, list[Mapping[str, Any]]], token_found: Mapping[str, list[Mapping[str, Any]]] | None = None
@@ -207,7 +212,7 @@ def table(found: Mapping[str, list[Mapping[str, Any]]], token_found: Mapping[str
         doc["methods"][method] = {"grid": {grid.lr_key: list(grid.lr_values), grid.knob: list(grid.knob_values)},
                                   "note": grid.note, "points": list(points),
                                   "winner": {k: best[k] for k in (grid.lr_key, grid.knob, CRITERION)} if best else None,
-                                  "complete": len(points) == len(grid.lr_values) * len(grid.knob_values)}
+                                  "complete": all_seeds(points, len(grid.lr_values) * len(grid.knob_values))}
         for p in sorted(points, key=lambda p: (p[grid.lr_key], p[grid.knob])):
             cells = [f"`{method}`", f"{grid.lr_key}={p[grid.lr_key]}", f"{grid.knob}={p[grid.knob]}",
                      str(len(p["seeds"])), fmt(p[CRITERION], 1), fmt(p["plasticity_MMD"], 1), fmt(p["BwT_MMD"], 1),

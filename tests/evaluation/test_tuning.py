@@ -57,6 +57,11 @@ def test_the_winner_has_the_lowest_mean_val_a_mmd_and_ties_go_to_the_smaller_rat
     doc_table, md = tuning.table({"ewc-dc": points})
     assert doc_table["methods"]["ewc-dc"]["winner"] == {"lr": 1e-3, "ewc_lambda": 100.0, "A_MMD": 305.0}
     assert not doc_table["methods"]["ewc-dc"]["complete"]  # 4 of the 9 grid points
+    nine = {(lr, lam): [300.0, 301.0] for lr in (3e-4, 1e-3, 3e-3) for lam in (10.0, 100.0, 1000.0)}
+    assert tuning.table({"ewc-dc": tuning.grid_points(_doc(nine), "ewc-dc")})[0]["methods"]["ewc-dc"]["complete"]
+    nine[(3e-3, 1000.0)] = [300.0]  # every point ran, one of them on seed 0 only: not complete
+    doc_table, _ = tuning.table({"ewc-dc": tuning.grid_points(_doc(nine), "ewc-dc")})
+    assert not doc_table["methods"]["ewc-dc"]["complete"] and "final" not in doc_table["methods"]["ewc-dc"]
     assert md.count("**") == 2 * 8  # one bold row of 8 cells
 
 

@@ -22,7 +22,7 @@ TRAIN = {"lr": 0.001, "token_lr": 0.005, "batch_size": 4}
 EWC = {"ewc_lambda": 100.0, "ewc_gamma": 1.0, "fisher_passes": 2, "fisher_norm": True}
 DSC = {"dsc_iters": 25, "dsc_redraw_every": 1, "dsc_w_dc": 1.0, "dsc_w_eps": 1.0}
 BEFORE = {
-    "c-lora": {"lr": 0.001, "token_lr": 0.005, "batch_size": 4, "clora_lambda": 100.0},
+    "c-lora": {"lr": 0.001, "token_lr": 0.002, "batch_size": 4, "clora_lambda": 100.0},
     "custom-diffusion": {"lr": 0.0001, "token_lr": 0.005, "batch_size": 4},
     "dsc": {**TRAIN, "dc_k": 2, "dc_batch": 1, "dc_temperature": 0.005, **DSC},
     "dsc-ewc": {**TRAIN, **EWC, "dc_k": 2, "dc_batch": 1, "dc_temperature": 0.005, **DSC},

@@ -56,6 +56,7 @@ class CLoRA(ContinualMethod):
     # The winner of its tuning grid on tabletop-6's val views (benchmarks/results/tuning/, docs/DEFAULTS.md), kept
     # explicit so that it stays if LoRA's own default moves (on v1, 3e-3 had won: benchmarks/results/sweeps/c-lora-lr/)
     adapter_lr = {"lora": 1e-3}
+    defaults = {"token_lr": 2e-3}  # its token-rate round on val (docs/DEFAULTS.md)
     adapter_kinds = ("lora",)  # its penalty is on the dense B @ A products of past LoRAs
 
     def __init__(self, **hparams: Any) -> None:
