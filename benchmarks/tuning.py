@@ -330,9 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json_atomic(args.out / "tuning.json", doc)
         models = ", ".join(f"`{m['reference']}` (fingerprint {m['fingerprint']})" for m in doc["models"] if m)
         incomplete = [m for m, e in doc["methods"].items() if not e["complete"]]
+        missing = [m for m in methods if m not in doc["methods"]]
         head = (f"Tuning grids on {SEQUENCE}'s **val** views, {SEEDS} seeds (0, 1) per point, base model {models}; "
                 f"winner (bold) = {doc['criterion']}. Reproduce: {COMMAND}."
-                + (f" Grids not yet complete: {', '.join(incomplete)}." if incomplete else "") + "\n\n")
+                + (f" Grids not yet complete: {', '.join(incomplete)}." if incomplete else "")
+                + (f" Not started: {', '.join(missing)}." if missing else "") + "\n\n")
         (args.out / "tuning.md").write_text(head + md)
         if args.docs:
             args.docs.write_text(with_table(args.docs.read_text(), head + md))

@@ -90,6 +90,8 @@ def test_a_method_without_benches_keeps_its_points_from_the_committed_table(tuni
     methods = json.loads((out / "tuning.json").read_text())["methods"]
     assert list(methods) == ["lora", "ewc-dc"]  # the grids' order
     assert methods["ewc-dc"]["winner"]["A_MMD"] == 301.0 and methods["lora"]["winner"]["A_MMD"] == 280.0
+    head = (out / "tuning.md").read_text().split("\n\n")[0]
+    assert "Grids not yet complete: lora, ewc-dc." in head and "Not started: lora-ewc, c-lora, dsc," in head
 
 
 def test_shards_split_the_tuning_benches_between_processes(tuning, tmp_path, monkeypatch):
