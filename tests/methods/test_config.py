@@ -27,7 +27,7 @@ BEFORE = {
     "dsc": {**TRAIN, "dc_k": 2, "dc_batch": 1, "dc_temperature": 0.005, **DSC},
     "dsc-ewc": {**TRAIN, **EWC, "dc_k": 2, "dc_batch": 1, "dc_temperature": 0.005, **DSC},
     "dsc-ewc-dc": {**TRAIN, **EWC, "dc_delta": 0.1, "dc_k": 2, "dc_batch": 1, "dc_temperature": 0.005, **DSC},
-    "ewc-dc": {**TRAIN, "lr": 0.0003, **EWC, "ewc_lambda": 10.0, "dc_delta": 0.1, "dc_k": 2, "dc_batch": 1,
+    "ewc-dc": {**TRAIN, "lr": 0.0003, "token_lr": 0.02, **EWC, "ewc_lambda": 10.0, "dc_delta": 0.1, "dc_k": 2, "dc_batch": 1,
                "dc_temperature": 0.005},
     "lora": {**TRAIN, "lr": 0.0003, "token_lr": 0.002},
     "lora-ewc": {**TRAIN, "lr": 0.003, **EWC, "ewc_lambda": 1000.0},

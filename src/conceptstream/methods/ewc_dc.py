@@ -13,4 +13,4 @@ class EWCDC(RegularisedAdapterMethod):
     configs = (TrainConfig, EWCConfig, DCTermConfig, DCScoresConfig)
     # The winner of its equal tuning grid on tabletop-6's val views (benchmarks/results/tuning/, docs/DEFAULTS.md)
     adapter_lr = {"lora": 3e-4}
-    defaults = {"ewc_lambda": 10.0}
+    defaults = {"ewc_lambda": 10.0, "token_lr": 2e-2}  # token_lr: its token-rate round
