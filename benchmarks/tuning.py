@@ -195,6 +195,14 @@ def token_round(grid_best: Mapping[str, Any], points: Sequence[Mapping[str, Any]
             "final": min(scored, key=lambda p: p[CRITERION]), "complete": all_seeds(points, len(TOKEN_RATES))}
 
 
+def _row(method: str, p: Mapping[str, Any], settings: Sequence[str], bold: bool) -> str:
+    """One Markdown row of a grid point: its settings, seed count and mean val numbers (bold: the chosen one)."""
+    fmt = lambda v, nd: "n/a" if v is None else f"{v:.{nd}f}"  # noqa: E731
+    cells = [f"`{method}`", *(f"{k}={p[k]}" for k in settings), str(len(p["seeds"])), fmt(p[CRITERION], 1),
+             fmt(p["plasticity_MMD"], 1), fmt(p["BwT_MMD"], 1), fmt(p["DC_acc"], 3)]
+    return "| " + " | ".join(f"**{c}**" if bold else c for c in cells) + " |"
+
+
 def table(found: Mapping[str, list[Mapping[str, Any]]], token_found: Mapping[str, list[Mapping[str, Any]]] | None = None
           ) -> tuple[dict[str, Any], str]:
     """The tuning document and its Markdown tables (every grid point, the winner in bold; then the token round,
@@ -206,7 +214,6 @@ def table(found: Mapping[str, list[Mapping[str, Any]]], token_found: Mapping[str
                            "models": [json.loads(m) for m in models], "command": COMMAND, "methods": {}}
     lines = [f"| method | {'learning rate'} | knob | seeds | val {CRITERION} ↓ | val plasticity ↓ | val BwT ↑ | "
              "val DC acc ↑ |", "|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v, nd: "n/a" if v is None else f"{v:.{nd}f}"  # noqa: E731
     for method, points in found.items():
         grid, best = GRIDS[method], winner(points, method)
         doc["methods"][method] = {"grid": {grid.lr_key: list(grid.lr_values), grid.knob: list(grid.knob_values)},
@@ -214,12 +221,7 @@ def table(found: Mapping[str, list[Mapping[str, Any]]], token_found: Mapping[str
                                   "winner": {k: best[k] for k in (grid.lr_key, grid.knob, CRITERION)} if best else None,
                                   "complete": all_seeds(points, len(grid.lr_values) * len(grid.knob_values))}
         for p in sorted(points, key=lambda p: (p[grid.lr_key], p[grid.knob])):
-            cells = [f"`{method}`", f"{grid.lr_key}={p[grid.lr_key]}", f"{grid.knob}={p[grid.knob]}",
-                     str(len(p["seeds"])), fmt(p[CRITERION], 1), fmt(p["plasticity_MMD"], 1), fmt(p["BwT_MMD"], 1),
-                     fmt(p["DC_acc"], 3)]
-            if p is best:
-                cells = [f"**{c}**" for c in cells]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(_row(method, p, (grid.lr_key, grid.knob), bold=p is best))
         entry = doc["methods"][method]
         if entry["complete"] and best:
             entry["final"] = dict(entry["winner"])
@@ -233,12 +235,8 @@ def table(found: Mapping[str, list[Mapping[str, Any]]], token_found: Mapping[str
         if rnd["complete"]:
             entry["final"] = {k: rnd["final"][k] for k in (grid.lr_key, grid.knob, "token_lr", CRITERION)}
         for p in sorted([rnd["grid_winner"], *points], key=lambda p: p["token_lr"]):
-            cells = [f"`{method}`", f"{grid.lr_key}={p[grid.lr_key]}", f"{grid.knob}={p[grid.knob]}",
-                     f"token_lr={p['token_lr']}", str(len(p["seeds"])), fmt(p[CRITERION], 1),
-                     fmt(p["plasticity_MMD"], 1), fmt(p["BwT_MMD"], 1), fmt(p["DC_acc"], 3)]
-            if rnd["complete"] and p is rnd["final"]:
-                cells = [f"**{c}**" for c in cells]
-            token_lines.append("| " + " | ".join(cells) + " |")
+            token_lines.append(_row(method, p, (grid.lr_key, grid.knob, "token_lr"),
+                                    bold=rnd["complete"] and p is rnd["final"]))
     md = "\n".join(lines) + "\n"
     if token_lines:
         md += ("\nToken-rate round: each grid winner above (run at the token rate of its grid) against "
