@@ -123,6 +123,8 @@ def bench_jobs(root: Path, methods: Sequence[str]) -> list[tuple[Path, dict[str,
     for m in methods:
         grid = GRIDS[m]
         base = {**_options(m), "sweep": grid.sweep()}
+        if m in token_round_methods():  # pinned: the method's default token rate moves to its token round's result
+            base["hparams"] = {"token_lr": GRID_TOKEN_LR}
         if grid.knob == "steps":
             jobs += [(root / f"{m}-steps{v}", {**base, "steps": int(v)}) for v in grid.knob_values]
         else:

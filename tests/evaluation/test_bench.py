@@ -213,8 +213,8 @@ def test_the_split_enters_the_run_config_and_results_settings(tmp_path):
     from conceptstream.evaluation.bench import BenchContext, BenchData, BenchRun, resolve_settings
     from conceptstream.evaluation.bench.results import compile_results
 
-    def context(split):
-        s = resolve_settings(tmp_path / "o", {"quick": True, "methods": "lora", "split": split})
+    def context(split, hparams=None):
+        s = resolve_settings(tmp_path / "o", {"quick": True, "methods": "lora", "split": split, "hparams": hparams})
         data = BenchData([], s.sequence, True, "f" * 16, tmp_path / "o" / "data", s.split)
         return BenchContext(s, data, SimpleNamespace(name="feat", dim=3),
                             SimpleNamespace(t2i_available=False, t2i_reason="no text"),
@@ -228,6 +228,11 @@ def test_the_split_enters_the_run_config_and_results_settings(tmp_path):
         test._check_config(val.config(), tmp_path / "progress.json")
     with pytest.raises(StateError, match=r"\(split differ\)"):
         val._check_config(test.config(), tmp_path / "progress.json")
+    # a setting given explicitly at the value it has by default is the same run; at another value it is not
+    token_lr = test.effective_hparams()["token_lr"]
+    BenchRun(context(None, {"token_lr": token_lr}), variant, 0)._check_config(test.config(), tmp_path / "r.json")
+    with pytest.raises(StateError, match=r"\(settings differ\)"):
+        BenchRun(context(None, {"token_lr": token_lr * 2}), variant, 0)._check_config(test.config(), tmp_path / "r.json")
     for run, split in ((val, "val"), (test, "test")):
         doc = compile_results(run.ctx, [variant], 1, {}, [], 0.0)
         assert doc["settings"]["split"] == split

@@ -45,6 +45,10 @@ def test_every_method_gets_three_learning_rates_by_three_knob_values(tuning):
         ("ewc-dc", None), ("textual-inversion-steps200", 200), ("textual-inversion-steps500", 500),
         ("textual-inversion-steps1000", 1000)]
     assert all(opts["split"] == "val" and opts["seeds"] == 2 for _, opts in jobs)
+    # a grid without the token rate runs at the one it was started at, whatever the token round later made
+    # the method's default (a finished grid point is then still the same run, not refused as changed)
+    assert jobs[0][1]["hparams"] == {"token_lr": tuning.GRID_TOKEN_LR}
+    assert all("hparams" not in opts for _, opts in jobs[1:])
 
 
 def test_the_winner_has_the_lowest_mean_val_a_mmd_and_ties_go_to_the_smaller_rate(tuning):

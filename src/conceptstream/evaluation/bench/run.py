@@ -126,7 +126,10 @@ class BenchRun:
         return result
 
     def _check_config(self, saved: Mapping, where: Path) -> None:
-        want = self.config()
+        # "settings" (every method setting in effect) decides; "hparams" only says which of them were given
+        # explicitly, so a run given token_lr=5e-3 is the same run as one that had it by default
+        want = {k: v for k, v in self.config().items() if k != "hparams"}
+        saved = {k: v for k, v in saved.items() if k != "hparams"}
         if saved != want:
             keys = _diff_keys(saved, want)
             raise StateError(f"{where} was made with other settings ({', '.join(keys)} differ); use another "
