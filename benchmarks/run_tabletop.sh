@@ -5,6 +5,10 @@
 #   OMP_NUM_THREADS=2 nohup bash benchmarks/run_tabletop.sh > bench.log 2>&1 &
 #   SHARDS=2 nohup bash benchmarks/run_tabletop.sh > bench.log 2>&1 &     # the v2 stages as 2 local shards
 # Pick stages with STAGES="tune t6-v2" etc.; MODEL=path runs on another base model than the bundled one.
+# Sessions whose work dirs are lost: CARRY=benchmarks/carried restores the finished runs committed there before
+# the stages and saves every finished run there after each stage (benchmarks/carry.py; commit the folder; keep
+# SHARDS the same across sessions, a shard's runs live in its own folder). The tuning grids and token rounds
+# complete in the committed benchmarks/results/tuning/tuning.json are not rerun.
 #
 # v2 (benchmark v2: tuning on val views only, tables on test views, 5 seeds, bounds), in order:
 #   tune     every method's equal grid (3 learning rates x 3 values of its own knob) on tabletop-6 val,
@@ -28,6 +32,10 @@ MODEL=${MODEL:-tiny}
 SHARDS=${SHARDS:-1}
 STAGES=${STAGES:-"tune t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim"}
 FIVE="lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc"
+CARRY=${CARRY:-}
+carry_save() { [ -z "$CARRY" ] || $PY benchmarks/carry.py save "$OUT" "$CARRY" --images; }
+[ -z "$CARRY" ] || $PY benchmarks/carry.py restore "$CARRY" "$OUT"
+trap carry_save EXIT  # also when a stage fails: what finished is kept
 
 # in_shards LOG CMD...: CMD --shard K/SHARDS for K = 1..SHARDS at once, one thread each, CMD's output in
 # LOG-K.log ("{K}" in CMD's arguments becomes K); fails when any shard fails
@@ -141,4 +149,5 @@ for stage in $STAGES; do
       $CS bench --sequence tabletop-50 --adapter lora --seeds 1 --eval-every 10 --out "$OUT/tabletop-50" --methods c-lora,ewc-dc ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
+  carry_save
 done

@@ -117,6 +117,16 @@ def complete_winners(path: Path) -> dict[str, dict[str, Any]]:
     return {m: e["winner"] for m, e in json.loads(path.read_text())["methods"].items() if e.get("complete")}
 
 
+def complete_rounds(path: Path, round_: str) -> list[str]:
+    """The methods whose ``round_`` ("grid" or "token") is complete in a tuning.json."""
+    if not path.is_file():
+        return []
+    entries = json.loads(path.read_text())["methods"]
+    if round_ == "grid":
+        return [m for m, e in entries.items() if e.get("complete")]
+    return [m for m, e in entries.items() if (e.get("token_round") or {}).get("complete")]
+
+
 def bench_jobs(root: Path, methods: Sequence[str]) -> list[tuple[Path, dict[str, Any]]]:
     """``(out folder, run_bench options)`` of every tuning bench of ``methods``."""
     jobs = []
@@ -264,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("action", choices=("run", "table"), help="run the tuning benches, or tabulate them")
     p.add_argument("--root", type=Path, required=True, help="folder of the tuning benches (one per method)")
-    p.add_argument("--methods", default=",".join(GRIDS), help="comma-separated methods (default: all)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: all; run: all but those whose round is complete in --winners)")
     p.add_argument("--model", default=None, help="base model ('tiny' or a diffusers folder)")
     p.add_argument("--out", type=Path, default=None, help="table: where to write tuning.json and tuning.md")
     p.add_argument("--docs", type=Path, default=None,
@@ -277,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="run: only every N-th tuning bench from the K-th (one bench per method, one per Textual "
                         "Inversion steps value), so N processes or machines share the grids; table reads them all")
     args = p.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or ",".join(GRIDS)).split(",") if m.strip()]
     unknown = [m for m in methods if m not in GRIDS]
     if unknown:
         p.error(f"no tuning grid for {', '.join(unknown)}; grids exist for: {', '.join(GRIDS)}")
@@ -286,6 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from conceptstream.evaluation.bench import run_bench
         from conceptstream.evaluation.bench.settings import parse_shard
 
+        if args.methods is None:  # resume a campaign whose work dir is lost from its committed table
+            done = complete_rounds(args.winners, args.round)
+            if done:
+                print(f"[tuning] {args.round} round already complete in {args.winners} (not rerun; name them in "
+                      f"--methods to rerun): {', '.join(done)}", flush=True)
+            methods = [m for m in methods if m not in done]
         if args.round == "token":
             jobs = token_jobs(args.root, methods, complete_winners(args.winners))
             if not jobs:

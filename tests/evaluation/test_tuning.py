@@ -106,10 +106,20 @@ def test_shards_split_the_tuning_benches_between_processes(tuning, tmp_path, mon
     monkeypatch.setattr(bench, "run_bench", lambda out, **kw: ran[-1].append(Path(out).name))
     for k in (1, 2):
         ran.append([])
-        assert tuning.main(["run", "--root", str(tmp_path), "--shard", f"{k}/2"]) == 0
+        assert tuning.main(["run", "--root", str(tmp_path), "--shard", f"{k}/2",
+                            "--winners", str(tmp_path / "no-table.json")]) == 0
     every = [out.name for out, _ in tuning.bench_jobs(tmp_path, list(tuning.GRIDS))]
     assert sorted(ran[0] + ran[1]) == sorted(every) and not set(ran[0]) & set(ran[1])
     assert ran[0] and ran[1]
+    # a later session (its work dir lost) skips the grids complete in the committed table, unless named
+    (tmp_path / "t.json").write_text(json.dumps({"methods": {"ewc-dc": {"complete": True}, "dsc": {"complete": False}}}))
+    ran.append([])
+    assert tuning.main(["run", "--root", str(tmp_path), "--winners", str(tmp_path / "t.json")]) == 0
+    assert "ewc-dc" not in ran[-1] and "dsc" in ran[-1] and len(ran[-1]) == len(every) - 1
+    ran.append([])
+    assert tuning.main(["run", "--root", str(tmp_path), "--winners", str(tmp_path / "t.json"),
+                        "--methods", "ewc-dc"]) == 0
+    assert ran[-1] == ["ewc-dc"]
     with pytest.raises(SystemExit):
         tuning.main(["run", "--root", str(tmp_path), "--shard", "3/2"])
 
@@ -163,6 +173,10 @@ def test_the_token_round_reruns_each_winner_of_a_grid_without_the_token_rate(tun
         "ewc-dc": {"complete": True, "winner": winners["ewc-dc"]},
         "dsc": {"complete": False, "winner": {"lr": 1e-3, "dsc_iters": 10, "A_MMD": 227.0}}}}))
     assert tuning.complete_winners(tmp_path / "t.json") == {"ewc-dc": winners["ewc-dc"]}
+    # a session whose work dir is lost resumes from the committed table: complete rounds are not rerun
+    assert tuning.complete_rounds(tmp_path / "t.json", "grid") == ["ewc-dc"]
+    assert tuning.complete_rounds(tmp_path / "t.json", "token") == []
+    assert tuning.complete_rounds(tmp_path / "missing.json", "grid") == []
 
 
 def test_the_final_setting_is_the_best_of_the_grid_winner_and_the_token_round(tuning):
