@@ -8,6 +8,14 @@ real held-out renders with EfficientNet-Lite0, and report
     python benchmarks/base_model_quality.py [--model tiny|PATH] [--per-class 16] [--real 32]
         [--steps 30] [--guidance 5.0] [--out benchmarks/results/base-model-quality.json]
 
+Also recorded: the colour cast (mean RGB of the generated images minus that of the real renders, per
+class and overall), the per-channel mean and std of the training renders' scaled latents, and the colour
+the decoder gives an all-zero latent. ``--start mean-leak`` starts sampling from
+``sqrt(1 - a) * noise + sqrt(a) * mu`` instead of pure noise (``a``: the scheduler's alpha-bar at the
+first sampling step, ``mu``: the per-channel latent mean of the training renders): the signal that
+training's noised latents still carry at that step (a schedule whose terminal SNR is not zero; Lin et al.
+2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed"), measured against the cast.
+
 ``--codec-only`` measures only the autoencoder, on personal concepts (the protocol of the "Base
 model v2" issue): render ``--sequence`` (tabletop-50) with ``--train-views`` + ``--eval-views`` views
 per concept at 64 px (the concept-folder export's views), embed them with EfficientNet-Lite0 and
@@ -43,6 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start", choices=("noise", "mean-leak"), default="noise",
+                   help="initial latents: pure noise (as stock pipelines), or noise carrying the training "
+                        "latents' mean at the first step's signal level (see above)")
     p.add_argument("--out", default="benchmarks/results/base-model-quality.json")
     p.add_argument("--grid", default="benchmarks/results/base-model-samples.png")
     p.add_argument("--workdir", default=None, help="train-base work dir: also record the result for the model card "
@@ -93,12 +104,16 @@ def main(argv: list[str] | None = None) -> dict:
             hits[name] += int((torch.cdist(extractor(images), centroids).argmin(1) == ci).sum())
     real_reference, blur_reference, vae_reference = (hits[k] / (args.per_class * len(BASE_CLASSES))
                                                      for k in ("real", "half", "vae"))
-    per_class, tiles = {}, []
+    stats = latent_stats(pipe, renderer)
+    per_class, tiles, casts = {}, [], []
     correct = total = 0
     for ci, noun in enumerate(nouns):
         gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.per_class)]
+        latents = start_latents(pipe, gens, args.steps, stats["latent_mean"] if args.start == "mean-leak" else None)
         images = pipe([f"a photo of a {noun}"] * args.per_class, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, generator=gens).images
+                      guidance_scale=args.guidance, latents=latents).images
+        cast = (_mean_rgb(images) - _mean_rgb(real[noun])).tolist()
+        casts.append(cast)
         tiles += images[:8]
         feats = extractor(images)
         pred = torch.cdist(feats, centroids).argmin(1)
@@ -109,10 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
         kid_mean, kid_std = kid.compute()
         confused = {nouns[j]: int((pred == j).sum()) for j in pred.unique().tolist() if j != ci}
         per_class[noun] = {"centroid_accuracy": acc, "KID_x1e3": 1e3 * float(kid_mean),
-                           "KID_std_x1e3": 1e3 * float(kid_std), "confused_with": confused}
+                           "KID_std_x1e3": 1e3 * float(kid_std), "confused_with": confused,
+                           "colour_cast_rgb": [round(c, 4) for c in cast]}
         correct += int((pred == ci).sum())
         total += len(pred)
-        print(f"{noun:<16} acc {acc:.2f}  KID x1e3 {1e3 * float(kid_mean):8.2f}  confused {confused}")
+        print(f"{noun:<16} acc {acc:.2f}  KID x1e3 {1e3 * float(kid_mean):8.2f}  cast RGB "
+              f"{' '.join(f'{c:+.3f}' for c in cast)}  confused {confused}")
     result = {
         "model": args.model,
         "centroid_accuracy": correct / total,
@@ -120,14 +137,21 @@ def main(argv: list[str] | None = None) -> dict:
         "real_renders_centroid_accuracy": real_reference,
         "vae_reconstruction_centroid_accuracy": vae_reference,
         "half_resolution_renders_centroid_accuracy": blur_reference,
+        "colour_cast": {"mean_rgb": [round(float(c), 4) for c in np.mean(casts, 0)],
+                        "mean_abs": round(float(np.abs(casts).mean()), 4),
+                        "what": "mean RGB (0-1) of the generated images minus that of the class's real renders"},
+        "latents": stats,
         "per_class": per_class,
         "settings": {"per_class": args.per_class, "real_per_class": args.real, "steps": args.steps,
-                     "guidance": args.guidance, "seed": args.seed, "scheduler": type(pipe.scheduler).__name__,
+                     "guidance": args.guidance, "seed": args.seed, "start": args.start,
+                     "scheduler": type(pipe.scheduler).__name__,
                      "features": "EfficientNet-Lite0 (ImageNet), pooled 1280-d"},
         "seconds": round(time.time() - t0, 1),
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "command": " ".join(["python benchmarks/base_model_quality.py", *(sys.argv[1:] if argv is None else argv)]),
     }
+    print(f"colour cast (generated - real, mean RGB) {result['colour_cast']['mean_rgb']}, mean |cast| "
+          f"{result['colour_cast']['mean_abs']}; decoder colour of a zero latent {stats['zero_latent_rgb']}")
     print(f"overall nearest-centroid accuracy {result['centroid_accuracy']:.3f} (target 0.8; "
           f"held-out real renders score {real_reference:.3f}, at half resolution {blur_reference:.3f}, "
           f"after a VAE round trip {vae_reference:.3f})")
@@ -139,6 +163,41 @@ def main(argv: list[str] | None = None) -> dict:
         result["unet_step"] = progress.get("unet_step")
         (Path(args.workdir) / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _mean_rgb(images) -> np.ndarray:
+    return np.stack([np.asarray(im.convert("RGB"), np.float64) / 255 for im in images]).mean((0, 1, 2))
+
+
+@torch.no_grad()
+def latent_stats(pipe, renderer, per_class: int = 16) -> dict:
+    """Per-channel mean and std of the scaled latents (posterior mean) of training-range class renders
+    (the first ``per_class`` of every class, the base training's own render seed 0), and the decoder's
+    mean colour of an all-zero latent."""
+    from conceptstream.world.catalogue import BASE_CLASSES
+
+    images = [renderer.render_class(c, i, seed=0).image for c in BASE_CLASSES for i in range(per_class)]
+    x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
+    vae, scale = pipe.vae, pipe.vae.config.scaling_factor
+    z = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in x.split(64)]) * scale
+    zero = vae.decode(torch.zeros(1, *z.shape[1:])).sample.clamp(-1, 1)
+    return {"latent_mean": [round(float(v), 4) for v in z.mean((0, 2, 3))],
+            "latent_std": [round(float(v), 4) for v in z.std((0, 2, 3))],
+            "zero_latent_rgb": [round(float(v), 4) for v in ((zero + 1) / 2).mean((0, 2, 3))],
+            "renders": f"{per_class} per class, render_class(cls, 0..{per_class - 1}, seed=0)"}
+
+
+def start_latents(pipe, generators, steps: int, mean: list[float] | None) -> torch.Tensor:
+    """The initial latents of one batch (one generator per image, as the pipeline would draw them); with
+    ``mean``, plus the signal the first sampling step's noised training latents carry: sqrt(a) * mean."""
+    unet = pipe.unet.config
+    shape = (unet.in_channels, unet.sample_size, unet.sample_size)
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    if mean is None:
+        return noise
+    pipe.scheduler.set_timesteps(steps)
+    a = float(pipe.scheduler.alphas_cumprod[int(pipe.scheduler.timesteps[0])])
+    return (1 - a) ** 0.5 * noise + a ** 0.5 * torch.tensor(mean).view(-1, 1, 1)
 
 
 @torch.no_grad()

@@ -388,3 +388,32 @@ def test_sigterm_while_rendering_stops_before_training(tmp_path, monkeypatch):
     assert BaseTrainer(cfg, progress=False).run() is None
     progress = json.loads((tmp_path / "t-work" / "progress.json").read_text())
     assert (progress["vae_step"], progress["unet_step"]) == (0, 0)
+
+
+def test_quality_benchmark_s_start_latents_and_latent_statistics(random_model_path, renderer):
+    """base_model_quality.py: pure-noise starts are the pipeline's own draws; --start mean-leak adds
+    sqrt(alpha-bar at the first sampling step) x the per-channel latent mean; the statistics are per channel."""
+    import sys
+    from pathlib import Path
+
+    from conceptstream.models.loading import load_pipeline
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import base_model_quality as bmq
+
+    pipe = load_pipeline(str(random_model_path))
+    c, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (0, 1)]  # noqa: E731
+    noise = bmq.start_latents(pipe, gens(), 30, None)
+    expected = torch.cat([torch.randn((1, c, size, size), generator=g) for g in gens()])  # diffusers' randn_tensor
+    assert torch.equal(noise, expected)
+    mean = [0.5, -1.0, 0.0, 2.0][:c]
+    leak = bmq.start_latents(pipe, gens(), 30, mean)
+    pipe.scheduler.set_timesteps(30)
+    a = float(pipe.scheduler.alphas_cumprod[int(pipe.scheduler.timesteps[0])])
+    assert 0 < a < 0.05
+    shift = (leak - (1 - a) ** 0.5 * noise).mean((0, 2, 3))
+    assert torch.allclose(shift, a ** 0.5 * torch.tensor(mean), atol=1e-5)
+    stats = bmq.latent_stats(pipe, renderer, per_class=1)
+    assert len(stats["latent_mean"]) == len(stats["latent_std"]) == c and len(stats["zero_latent_rgb"]) == 3
+    assert all(s > 0 for s in stats["latent_std"]) and all(0 <= v <= 1 for v in stats["zero_latent_rgb"])
