@@ -272,3 +272,24 @@ def test_an_incomplete_shard_makes_an_incomplete_merge(benches, tmp_path):
     assert list(merged["runs"]["lora-ewc"]["seeds"]) == ["0"] and merged["summary"]["lora-ewc"]["A_MMD"]["n"] == 1
     assert merged["summary"]["lora"]["A_MMD"]["n"] == 2
     assert "**Incomplete**" in (tmp_path / "m" / "report.md").read_text()
+
+
+def test_runs_carried_across_a_lost_work_dir_are_not_recomputed(benches, random_model_path, tmp_path, monkeypatch):
+    """benchmarks/carry.py: the finished runs' result.json files alone (no state, data or logs) let a new
+    work dir resume a shard without training anything, with the same numbers."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import carry
+    finally:
+        sys.path.pop(0)
+    kept, fresh = tmp_path / "carried", tmp_path / "fresh"
+    assert carry.main(["save", str(benches["1"].parent), str(kept)]) == 0
+    assert not list(kept.rglob("state")) and not list(kept.rglob("*.safetensors"))
+    assert carry.main(["restore", str(kept), str(fresh)]) == 0
+    spy = LearnSpy()
+    monkeypatch.setattr(api, "learn", spy)
+    doc = _bench(fresh / benches["1"].name, random_model_path, shard="1/2")
+    assert spy.calls == [] and doc["complete"] is True
+    assert doc["summary"] == _doc(benches["1"])["summary"]
