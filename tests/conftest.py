@@ -12,6 +12,17 @@ import pytest
 import conceptstream
 
 SRC = str(Path(conceptstream.__file__).resolve().parents[1])
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_script(name: str):
+    """The module of ``benchmarks/NAME.py``. The scripts are not a package: ``benchmarks/`` joins sys.path
+    and stays there, as it is for a script run from the shell (some import each other lazily)."""
+    import importlib
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="session")

@@ -277,13 +277,9 @@ def test_an_incomplete_shard_makes_an_incomplete_merge(benches, tmp_path):
 def test_runs_carried_across_a_lost_work_dir_are_not_recomputed(benches, random_model_path, tmp_path, monkeypatch):
     """benchmarks/carry.py: the finished runs' result.json files alone (no state, data or logs) let a new
     work dir resume a shard without training anything, with the same numbers."""
-    import sys
+    from conftest import benchmark_script
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    try:
-        import carry
-    finally:
-        sys.path.pop(0)
+    carry = benchmark_script("carry")
     kept, fresh = tmp_path / "carried", tmp_path / "fresh"
     assert carry.main(["save", str(benches["1"].parent), str(kept)]) == 0
     assert not list(kept.rglob("state")) and not list(kept.rglob("*.safetensors"))

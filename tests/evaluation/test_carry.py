@@ -1,22 +1,15 @@
 """benchmarks/carry.py: a campaign's finished runs survive a lost work dir, and only what a bench needs travels."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def carry():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import carry
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return carry
+    return benchmark_script("carry")
 
 
 def _run(folder: Path, finished: bool = True) -> None:

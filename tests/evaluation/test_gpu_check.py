@@ -4,21 +4,14 @@ both formats and reload in stock diffusers, per method, recorded in one JSON."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from conftest import benchmark_script
 
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_small_on_the_cpu_and_records_every_step(tmp_path):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    gpu_check = benchmark_script("gpu_check")
     out = tmp_path / "gpu.json"
     rc = gpu_check.main(["--cpu-small", "--families", "sd15,sdxl", "--methods", "lora,ewc-dc,c-lora", "--steps", "2",
                          "--gen-steps", "2", "--dsc-iters", "1", "--model-dir", str(tmp_path / "models"),

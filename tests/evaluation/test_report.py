@@ -132,15 +132,11 @@ def test_the_printed_summary_shows_the_interval_and_the_own_class_dc_accuracy():
 
 
 def test_publish_snippet_names_split_model_seeds_command_and_has_both_paired_tables():
-    import sys
     from pathlib import Path
 
-    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
-    sys.path.insert(0, str(benchmarks))
-    try:
-        import publish
-    finally:
-        sys.path.remove(str(benchmarks))
+    from conftest import benchmark_script
+
+    publish = benchmark_script("publish")
     doc = _report_doc()
     doc["settings"]["split"] = "test"
     doc["runs"]["c-lora"] = {**doc["runs"]["lora"]}

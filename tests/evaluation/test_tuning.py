@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from conftest import BENCHMARKS, benchmark_script
 
 
 @pytest.fixture(scope="module")
 def tuning():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import tuning
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return tuning
+    return benchmark_script("tuning")
 
 
 def _doc(points: dict[tuple[float, float], list[float]], split: str = "val") -> dict:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import benchmark_script
 from diffusers import StableDiffusionPipeline
 
 from conceptstream.world.train_base import BaseTrainer, BaseTrainingConfig
@@ -266,12 +267,8 @@ def test_patterned_unet_data_names_pattern_and_colours_and_never_takes_a_concept
 
 def test_codec_benchmark_on_a_work_dir(tmp_path):
     """benchmarks/base_model_quality.py --codec-only: reference rows plus a work dir's VAE round trip."""
-    import sys
-    from pathlib import Path
-
     torch.set_num_threads(1)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import base_model_quality as bmq
+    bmq = benchmark_script("base_model_quality")
 
     cfg = _cfg(tmp_path, "k", decoder_steps=0, unet_steps=0, vae_downsample=2)
     BaseTrainer(cfg, progress=False).run()
@@ -343,13 +340,11 @@ def test_concepts_alone_benchmark_learns_each_concept_alone_and_scores_it_among_
         tmp_path, random_model_path):
     """benchmarks/concepts_alone.py (goal 3): per budget, each concept learned alone, its images assigned
     among the candidates' centroids; nothing of a concept is left on disk."""
-    import sys
     import tempfile
     from pathlib import Path
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import concepts_alone
+    concepts_alone = benchmark_script("concepts_alone")
 
     before = set(Path(tempfile.gettempdir()).glob("conceptstream-alone-*"))
     out = tmp_path / "alone.json"
@@ -393,13 +388,9 @@ def test_sigterm_while_rendering_stops_before_training(tmp_path, monkeypatch):
 def test_quality_benchmark_s_start_latents_and_latent_statistics(random_model_path, renderer):
     """base_model_quality.py: pure-noise starts are the pipeline's own draws; --start mean-leak adds
     sqrt(alpha-bar at the first sampling step) x the per-channel latent mean; the statistics are per channel."""
-    import sys
-    from pathlib import Path
-
     from conceptstream.models.loading import load_pipeline
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import base_model_quality as bmq
+    bmq = benchmark_script("base_model_quality")
 
     pipe = load_pipeline(str(random_model_path))
     c, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
