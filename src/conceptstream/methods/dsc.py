@@ -13,6 +13,9 @@ class DSC(RegularisedAdapterMethod):
     name = "dsc"
     use_dsc = True
     configs = (TrainConfig, DCScoresConfig, DSCConfig)
+    # The winner of its equal tuning grid on tabletop-6's val views (benchmarks/results/tuning/, docs/DEFAULTS.md)
+    adapter_lr = {"lora": 1e-3}
+    defaults = {"dsc_iters": 10}
 
 
 @register
@@ -21,6 +24,9 @@ class DSCEWC(RegularisedAdapterMethod):
     use_dsc = True
     ewc_source = "denoise"
     configs = (TrainConfig, EWCConfig, DCScoresConfig, DSCConfig)
+    # The winner of its equal tuning grid on tabletop-6's val views (benchmarks/results/tuning/, docs/DEFAULTS.md)
+    adapter_lr = {"lora": 3e-3}
+    defaults = {"dsc_iters": 100}
 
 
 @register
