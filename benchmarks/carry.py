@@ -11,7 +11,8 @@ no model state (a run that was cut off restarts).
     python benchmarks/carry.py save bench benchmarks/carried [--images]
     python benchmarks/carry.py restore benchmarks/carried bench
 
-``restore`` never overwrites a file that exists. Once a stage is published (benchmarks/publish.py), its
+``restore`` never overwrites a file that exists; ``save`` replaces a carried file whose run was recomputed
+(the campaign folder is the truth). Once a stage is published (benchmarks/publish.py), its
 carried runs can be deleted.
 """
 
@@ -34,12 +35,13 @@ def finished_files(root: Path, images: bool) -> Iterator[Path]:
                 yield from sorted((result.parent / sub).glob("*.png"))
 
 
-def copy_missing(files: Sequence[Path], src: Path, dst: Path) -> int:
-    """Copy each of ``files`` (under ``src``) to the same place under ``dst`` unless it exists there."""
+def copy_files(files: Sequence[Path], src: Path, dst: Path, replace: bool) -> int:
+    """Copy each of ``files`` (under ``src``) to the same place under ``dst``: where it exists there only with
+    ``replace`` and other contents (a run recomputed in the campaign folder replaces its carried copy)."""
     count = 0
     for f in files:
         target = dst / f.relative_to(src)
-        if target.exists():
+        if target.exists() and (not replace or target.read_bytes() == f.read_bytes()):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".part")
@@ -66,9 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = list(finished_files(args.src, args.images))
     else:
         files = sorted(f for f in args.src.rglob("*") if f.is_file() and not f.name.endswith(".part"))
-    count = copy_missing(files, args.src, args.dst)
+    count = copy_files(files, args.src, args.dst, replace=args.action == "save")
     runs = sum(1 for f in files if f.name == "result.json")
-    print(f"[carry] {args.action}: {count} new file(s) of {runs} finished run(s), {args.src} -> {args.dst}")
+    print(f"[carry] {args.action}: {runs} finished run(s) in {args.src}; wrote {count} file(s) to {args.dst}")
     return 0
 
 

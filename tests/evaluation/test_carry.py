@@ -51,8 +51,14 @@ def test_restore_fills_a_new_work_dir_and_never_overwrites(carry, tmp_path, caps
     assert carry.main(["restore", str(kept), str(fresh)]) == 0
     assert json.loads((fresh / "tuning/dsc/runs/dsc-lora/seed0/result.json").read_text()) == {"config": {"seed": "seed0"}}
     assert newer.read_text() == '{"config": "recomputed"}'
-    assert "1 new file(s) of 2 finished run(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 finished run(s)" in out and "wrote 1 file(s)" in out
     assert not list(fresh.rglob("*.part"))
     assert carry.main(["restore", str(tmp_path / "none"), str(fresh)]) == 0  # nothing carried yet: not an error
     with pytest.raises(SystemExit):
         carry.main(["save", str(tmp_path / "none"), str(kept)])
+    # a run deleted and recomputed in the campaign folder (say, under new settings) replaces its carried copy
+    (fresh / "tuning/dsc/runs/dsc-lora/seed0/result.json").write_text('{"config": "new settings"}')
+    assert carry.main(["save", str(fresh), str(kept)]) == 0
+    assert (kept / "tuning/dsc/runs/dsc-lora/seed0/result.json").read_text() == '{"config": "new settings"}'
+    assert "wrote 2 file(s)" in capsys.readouterr().out  # seed1 differs from the carried copy too
