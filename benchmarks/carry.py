@@ -27,8 +27,12 @@ IMAGE_SEED = "seed0"  # the report's grids show each variant's first seed
 
 
 def finished_files(root: Path, images: bool) -> Iterator[Path]:
-    """Every finished run's ``result.json`` under ``root`` (and with ``images`` its first seed's samples)."""
+    """Every finished run's ``result.json`` under ``root`` (and with ``images`` its first seed's samples); not
+    those of a bench merged from shards (``NAME`` beside ``NAME.shards``): the merge is redone from the shards."""
     for result in sorted(root.rglob("runs/*/seed*/result.json")):
+        bench = result.parents[3]
+        if bench.with_name(bench.name + ".shards").is_dir():
+            continue
         yield result
         if images and result.parent.name == IMAGE_SEED and "tuning" not in result.relative_to(root).parts:
             for sub in ("samples", "multi"):

@@ -31,6 +31,7 @@ def test_save_carries_finished_runs_and_the_first_seeds_samples_only(carry, tmp_
     _run(out / "v2-t6.shards" / "2" / "runs" / "lora-lora" / "seed1")
     _run(out / "v2-t6.shards" / "2" / "runs" / "lora-lora" / "seed3", finished=False)  # cut off: restarts
     _run(out / "tuning" / "dsc" / "runs" / "dsc-lora" / "seed0")
+    _run(out / "v2-t6" / "runs" / "lora-lora" / "seed0")  # the merge of v2-t6.shards: redone from them
     assert carry.main(["save", str(out), str(kept), "--images"]) == 0
     got = sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file())
     assert got == ["tuning/dsc/runs/dsc-lora/seed0/result.json",  # a tuning bench's images are never published
