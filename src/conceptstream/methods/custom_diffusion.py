@@ -36,6 +36,8 @@ class CustomDiffusion(ContinualMethod):
     uses_adapter = False
     state_growth = "constant (one delta per cross-attention K/V weight)"
     configs = (CustomDiffusionConfig,)
+    # The winner of its equal tuning grid on tabletop-6's val views (benchmarks/results/tuning/, docs/DEFAULTS.md)
+    defaults = {"token_lr": 2e-3}
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
