@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _pixels(images) -> torch.Tensor:
+    """PIL images as one NCHW batch in [-1, 1], the VAE's input."""
+    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
+
+
 def _mean_rgb(images) -> np.ndarray:
     return np.stack([np.asarray(im.convert("RGB"), np.float64) / 255 for im in images]).mean((0, 1, 2))
 
@@ -177,7 +182,7 @@ def latent_stats(pipe, renderer, per_class: int = 16) -> dict:
     from conceptstream.world.catalogue import BASE_CLASSES
 
     images = [renderer.render_class(c, i, seed=0).image for c in BASE_CLASSES for i in range(per_class)]
-    x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
+    x = _pixels(images)
     vae, scale = pipe.vae, pipe.vae.config.scaling_factor
     z = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in x.split(64)]) * scale
     zero = vae.decode(torch.zeros(1, *z.shape[1:])).sample.clamp(-1, 1)
@@ -204,7 +209,7 @@ def start_latents(pipe, generators, steps: int, mean: list[float] | None) -> tor
 def _vae_round_trip(vae, images):
     from PIL import Image
 
-    x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
+    x = _pixels(images)
     rec = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mode()).sample for chunk in x.split(64)])
     pixels = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(p) for p in pixels]
