@@ -17,7 +17,7 @@ from conceptstream.scoring.dc import DCConfig
 # Every method's settings as `method_defaults(name, "lora")` returned them before the settings became
 # config dataclasses (copied from that run): names and order must not change, and values only when a method's
 # tuning on val (benchmarks/results/tuning/, docs/DEFAULTS.md) chose new ones: lora, lora-ewc, c-lora,
-# ewc-dc, textual-inversion, dsc, dsc-ewc, custom-diffusion.
+# ewc-dc, textual-inversion, dsc, dsc-ewc, custom-diffusion, dsc-ewc-dc.
 TRAIN = {"lr": 0.001, "token_lr": 0.005, "batch_size": 4}
 EWC = {"ewc_lambda": 100.0, "ewc_gamma": 1.0, "fisher_passes": 2, "fisher_norm": True}
 DSC = {"dsc_iters": 25, "dsc_redraw_every": 1, "dsc_w_dc": 1.0, "dsc_w_eps": 1.0}
@@ -26,7 +26,8 @@ BEFORE = {
     "custom-diffusion": {"lr": 0.0001, "token_lr": 0.002, "batch_size": 4},
     "dsc": {**TRAIN, "dc_k": 2, "dc_batch": 1, "dc_temperature": 0.005, **DSC, "dsc_iters": 10},
     "dsc-ewc": {**TRAIN, "lr": 0.003, **EWC, "dc_k": 2, "dc_batch": 1, "dc_temperature": 0.005, **DSC, "dsc_iters": 100},
-    "dsc-ewc-dc": {**TRAIN, **EWC, "dc_delta": 0.1, "dc_k": 2, "dc_batch": 1, "dc_temperature": 0.005, **DSC},
+    "dsc-ewc-dc": {**TRAIN, "lr": 0.0003, "token_lr": 0.02, **EWC, "dc_delta": 0.1, "dc_k": 2, "dc_batch": 1, "dc_temperature": 0.005, **DSC,
+                   "dsc_iters": 10},
     "ewc-dc": {**TRAIN, "lr": 0.0003, "token_lr": 0.02, **EWC, "ewc_lambda": 10.0, "dc_delta": 0.1, "dc_k": 2, "dc_batch": 1,
                "dc_temperature": 0.005},
     "lora": {**TRAIN, "lr": 0.0003, "token_lr": 0.002},
@@ -35,7 +36,8 @@ BEFORE = {
 }
 # lr on VeRA and without an adapter (None), where it differs from the LoRA row above
 LR_VERA = {"dsc": 0.01, "dsc-ewc": 0.01, "dsc-ewc-dc": 0.01, "ewc-dc": 0.01, "lora": 0.01, "lora-ewc": 0.01}
-LR_NONE = {"c-lora": 0.001, "lora": 0.001, "lora-ewc": 0.001, "ewc-dc": 0.001, "dsc-ewc": 0.001}
+LR_NONE = {"c-lora": 0.001, "lora": 0.001, "lora-ewc": 0.001, "ewc-dc": 0.001, "dsc-ewc": 0.001,
+           "dsc-ewc-dc": 0.001}
 
 
 @pytest.mark.parametrize("name", sorted(BEFORE))

@@ -36,3 +36,6 @@ class DSCEWCDC(RegularisedAdapterMethod):
     ewc_source = "dc"
     use_dc_term = True
     configs = (TrainConfig, EWCConfig, DCTermConfig, DCScoresConfig, DSCConfig)
+    # The winner of its equal tuning grid on tabletop-6's val views (benchmarks/results/tuning/, docs/DEFAULTS.md)
+    adapter_lr = {"lora": 3e-4}
+    defaults = {"dsc_iters": 10, "token_lr": 2e-2}  # token_lr: its token-rate round
