@@ -17,6 +17,10 @@
 #   t6-vera-v2, t6b-v2, t10-v2, t50-v2   VeRA (3 seeds), tabletop-6b (independent; never tuned on;
 #            3 seeds), tabletop-10 (3 seeds), tabletop-50 (c-lora, ewc-dc; 2 seeds)
 #   t50-elim the final DC evaluation of a t50-v2 state, full and by successive elimination, side by side
+#   dc-term-val  why the EWC-DC methods trail on val: ewc-dc without its DC term (dc_delta 0) at the
+#            grid's smallest and largest rate, ewc_lambda 10, token_lr 5e-3 (tabletop-6 val, seeds 0-1): each
+#            run differs from an ewc-dc grid run only in the DC term, and from a lora-ewc grid run only in
+#            the Fisher's source (tuning.json has both)
 # v1 (the committed v1 results; tuned on the views they report, see the README): the other stages.
 #
 # SHARDS=N runs each v2 bench stage as N local `bench --shard K/N` processes at once (one thread each,
@@ -30,7 +34,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench}
 MODEL=${MODEL:-tiny}
 SHARDS=${SHARDS:-1}
-STAGES=${STAGES:-"tune t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim"}
+STAGES=${STAGES:-"tune t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim dc-term-val"}
 FIVE="lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc"
 CARRY=${CARRY:-}
 carry_save() { [ -z "$CARRY" ] || $PY benchmarks/carry.py save "$OUT" "$CARRY" --images; }
@@ -125,6 +129,9 @@ for stage in $STAGES; do
       $PY benchmarks/dc_elimination.py --state "$state" \
         --data "$(ls -d "$OUT"/v2-tabletop-50/data/tabletop-50-* "$OUT"/v2-tabletop-50.shards/*/data/tabletop-50-* 2>/dev/null | head -1)" \
         --out benchmarks/results/dc-elimination-tabletop-50.json ;;
+    dc-term-val)
+      bench_v2 "$OUT/dc-term-val" --model "$MODEL" --sequence tabletop-6 --split val --adapter lora --seeds 2 \
+        --methods ewc-dc --sweep lr=0.0003,0.003 --sweep dc_delta=0 --set ewc_lambda=10 --set token_lr=0.005 ;;
     t6)
       $CS bench --sequence tabletop-6 --adapter lora --seeds 3 --out "$OUT/tabletop-6-lora" \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion ;;
