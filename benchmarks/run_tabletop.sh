@@ -23,8 +23,11 @@
 #            the Fisher's source (tuning.json has both)
 # v1 (the committed v1 results; tuned on the views they report, see the README): the other stages.
 #
-# SHARDS=N runs each v2 bench stage as N local `bench --shard K/N` processes at once (one thread each,
-# OMP_NUM_THREADS=1; folders OUT/NAME.shards/K) and then `bench --merge`s them into OUT/NAME. On the 2-core
+# SHARDS=N runs the v2 bench stages as N local workers at once (one thread each, OMP_NUM_THREADS=1): worker K
+# runs `bench --shard K/N` of each stage in turn (folders OUT/NAME.shards/K, log OUT/NAME.shard-K.log) and
+# goes on to its shard of the next stage without waiting for the others; the worker that finishes a stage's
+# last shard `bench --merge`s it into OUT/NAME. So no core idles at a stage's end (the shards of a stage
+# take unequal times: Textual Inversion's and the joint bound's runs are long). On the 2-core
 # CPU, SHARDS=2 finished about 1.2-1.5x more runs per hour than one 2-thread process (measured on the tuning
 # runs); the per-run train/eval seconds in such a report are then contended times, not speed numbers
 # (bench-speed measures speed, alone).
@@ -58,18 +61,56 @@ in_shards() {
   fi
 }
 
-# bench_v2 OUTDIR ARGS...: one bench, or SHARDS shards run at once and merged into OUTDIR
-bench_v2() {
-  local out=$1; shift
-  if [ "$SHARDS" -le 1 ]; then
-    $CS bench "$@" --out "$out"
-    return
-  fi
-  in_shards "$out.shard" $CS bench "$@" --out "$out.shards/{K}"
-  $CS bench --merge $(for k in $(seq 1 "$SHARDS"); do echo "$out.shards/$k"; done) --out "$out"
+# v2_bench STAGE: sets NAME (its folder under OUT) and ARGS (its bench arguments) for a v2 bench stage;
+# fails for any other stage
+v2_bench() {
+  case $1 in
+    t6-v2) NAME=v2-tabletop-6-lora; ARGS=(--sequence tabletop-6 --split test --adapter lora --seeds 5
+      --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion,single-task,joint) ;;
+    t6-vera-v2) NAME=v2-tabletop-6-vera; ARGS=(--sequence tabletop-6 --split test --adapter vera --seeds 3
+      --methods lora,lora-ewc,ewc-dc,dsc,dsc-ewc-dc,single-task,joint) ;;
+    t6b-v2) NAME=v2-tabletop-6b; ARGS=(--sequence tabletop-6b --split test --adapter lora --seeds 3
+      --methods "$FIVE,single-task,joint") ;;
+    t10-v2) NAME=v2-tabletop-10; ARGS=(--sequence tabletop-10 --split test --adapter lora --seeds 3 --methods "$FIVE") ;;
+    t50-v2) NAME=v2-tabletop-50; ARGS=(--sequence tabletop-50 --split test --adapter lora --seeds 2 --eval-every 10
+      --dc-elimination "${DC_ELIMINATION:-none}" --methods c-lora,ewc-dc) ;;
+    dc-term-val) NAME=dc-term-val; ARGS=(--sequence tabletop-6 --split val --adapter lora --seeds 2 --methods ewc-dc
+      --sweep lr=0.0003,0.003 --sweep dc_delta=0 --set ewc_lambda=10 --set token_lr=0.005) ;;
+    *) return 1 ;;
+  esac
+  ARGS=(--model "$MODEL" "${ARGS[@]}")
 }
 
-for stage in $STAGES; do
+# worker K STAGE...: with SHARDS > 1, shard K of each v2 bench stage in turn (one thread), without waiting
+# for the other shards of a stage: a stage is merged by whichever worker finishes its last shard, so no core
+# idles at a stage's end while a slower shard finishes. Merges and carry saves take turns (flock).
+worker() {
+  local k=$1 stage j ready; shift
+  for stage in "$@"; do
+    v2_bench "$stage"
+    rm -f "$OUT/$NAME.shards/$k.finished"
+    mkdir -p "$OUT/$NAME.shards"
+    if ! OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $CS bench "${ARGS[@]}" --out "$OUT/$NAME.shards/$k" \
+        --shard "$k/$SHARDS" > "$OUT/$NAME.shard-$k.log" 2>&1; then
+      echo "shard $k/$SHARDS of $stage failed; see $OUT/$NAME.shard-$k.log (rerun the stage to resume)" >&2
+      return 1
+    fi
+    (
+      flock 9
+      touch "$OUT/$NAME.shards/$k.finished"  # under the lock: exactly one worker finds every shard finished
+      ready=1
+      for j in $(seq 1 "$SHARDS"); do [ -e "$OUT/$NAME.shards/$j.finished" ] || ready=0; done
+      if [ "$ready" -eq 1 ]; then
+        $CS bench --merge $(for j in $(seq 1 "$SHARDS"); do echo "$OUT/$NAME.shards/$j"; done) --out "$OUT/$NAME"
+      fi
+      carry_save
+    ) 9> "$OUT/.campaign.lock"
+  done
+}
+
+# run_stage STAGE: one stage, in this process
+run_stage() {
+  local stage=$1
   case $stage in
     sweep)  # every sweep below, in order
       STAGES="sweep-ewc-dc sweep-c-lora sweep-lora-ewc sweep-dsc" OUT="$OUT" CS="$CS" bash "$0" ;;
@@ -98,6 +139,9 @@ for stage in $STAGES; do
                    # the old dsc_iters=100 as variants), 6 timed tasks so a k=5 candidate set fills up
       $CS bench-speed --parts training --timed-tasks 6 --label levers --out "${SPEED_OUT:-benchmarks/results}" \
         --methods "lora,ewc-dc,ewc-dc[dc_k=5,dc_batch=2],ewc-dc[dc_k=5],ewc-dc[dc_batch=2],dsc-ewc-dc,dsc-ewc-dc[dc_k=5,dc_batch=2,dsc_iters=100]" ;;
+    t6-v2|t6-vera-v2|t6b-v2|t10-v2|t50-v2|dc-term-val)  # one process (SHARDS=1)
+      v2_bench "$stage"
+      $CS bench "${ARGS[@]}" --out "$OUT/$NAME" ;;
     tune)  # the grids, their table (the winners), then the token-rate round at those winners, and the final table
       for round in grid token; do
         if [ "$SHARDS" -le 1 ]; then
@@ -107,21 +151,6 @@ for stage in $STAGES; do
         fi
         $PY benchmarks/tuning.py table --root "$OUT/tuning" --out benchmarks/results/tuning --docs docs/DEFAULTS.md
       done ;;
-    t6-v2)
-      bench_v2 "$OUT/v2-tabletop-6-lora" --model "$MODEL" --sequence tabletop-6 --split test --adapter lora --seeds 5 \
-        --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion,single-task,joint ;;
-    t6-vera-v2)
-      bench_v2 "$OUT/v2-tabletop-6-vera" --model "$MODEL" --sequence tabletop-6 --split test --adapter vera --seeds 3 \
-        --methods lora,lora-ewc,ewc-dc,dsc,dsc-ewc-dc,single-task,joint ;;
-    t6b-v2)
-      bench_v2 "$OUT/v2-tabletop-6b" --model "$MODEL" --sequence tabletop-6b --split test --adapter lora --seeds 3 \
-        --methods "$FIVE,single-task,joint" ;;
-    t10-v2)
-      bench_v2 "$OUT/v2-tabletop-10" --model "$MODEL" --sequence tabletop-10 --split test --adapter lora --seeds 3 \
-        --methods "$FIVE" ;;
-    t50-v2)
-      bench_v2 "$OUT/v2-tabletop-50" --model "$MODEL" --sequence tabletop-50 --split test --adapter lora --seeds 2 \
-        --eval-every 10 --dc-elimination "${DC_ELIMINATION:-none}" --methods c-lora,ewc-dc ;;
     t50-elim)  # issue 18 item 7: full vs successive-elimination DC classification, side by side, on the same
                # t50-v2 state (its seed-0 ewc-dc run; the bench keeps each run's final state, in its shard's
                # folder when the stage ran in shards: a merge copies run folders without their state)
@@ -129,9 +158,6 @@ for stage in $STAGES; do
       $PY benchmarks/dc_elimination.py --state "$state" \
         --data "$(ls -d "$OUT"/v2-tabletop-50/data/tabletop-50-* "$OUT"/v2-tabletop-50.shards/*/data/tabletop-50-* 2>/dev/null | head -1)" \
         --out benchmarks/results/dc-elimination-tabletop-50.json ;;
-    dc-term-val)
-      bench_v2 "$OUT/dc-term-val" --model "$MODEL" --sequence tabletop-6 --split val --adapter lora --seeds 2 \
-        --methods ewc-dc --sweep lr=0.0003,0.003 --sweep dc_delta=0 --set ewc_lambda=10 --set token_lr=0.005 ;;
     t6)
       $CS bench --sequence tabletop-6 --adapter lora --seeds 3 --out "$OUT/tabletop-6-lora" \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion ;;
@@ -157,4 +183,28 @@ for stage in $STAGES; do
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
   carry_save
+}
+
+# The stages in order. With SHARDS > 1, each run of consecutive v2 bench stages goes to SHARDS workers at once
+# (worker above); every other stage runs alone, after the stages before it have finished.
+segment=()
+flush_segment() {
+  [ ${#segment[@]} -gt 0 ] || return 0
+  local pids=() k failed=0
+  for k in $(seq 1 "$SHARDS"); do
+    worker "$k" "${segment[@]}" &
+    pids+=($!)
+  done
+  for k in "${pids[@]}"; do wait "$k" || failed=1; done
+  segment=()
+  [ "$failed" -eq 0 ] || { echo "a worker failed (see above); rerun the script to resume" >&2; return 1; }
+}
+for stage in $STAGES; do
+  if [ "$SHARDS" -gt 1 ] && v2_bench "$stage"; then
+    segment+=("$stage")
+  else
+    flush_segment
+    run_stage "$stage"
+  fi
 done
+flush_segment
