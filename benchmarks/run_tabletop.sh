@@ -36,6 +36,9 @@ CS=${CS:-.venv/bin/conceptstream}
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench}
 MODEL=${MODEL:-tiny}
+# the checkout the tuning table, docs/DEFAULTS.md and the t50-elim JSON are written into (a campaign run from
+# a second worktree, so that commits do not change the code under it, points this at the one you commit from)
+REPO=${REPO:-.}
 SHARDS=${SHARDS:-1}
 STAGES=${STAGES:-"tune t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim dc-term-val"}
 FIVE="lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc"
@@ -137,7 +140,7 @@ run_stage() {
       $CS bench --sequence tabletop-6 --methods ewc-dc --seeds 1 --set dc_k=5 --set dc_batch=2 --sweep ewc_gamma=0.5 --out "$OUT/sweep-ewc-dc-gamma" ;;
     speed-levers)  # time of the same levers vs lora (defaults dc_k=2, dc_batch=1; the paper's k=5, batch 2 and
                    # the old dsc_iters=100 as variants), 6 timed tasks so a k=5 candidate set fills up
-      $CS bench-speed --parts training --timed-tasks 6 --label levers --out "${SPEED_OUT:-benchmarks/results}" \
+      $CS bench-speed --parts training --timed-tasks 6 --label levers --out "${SPEED_OUT:-$REPO/benchmarks/results}" \
         --methods "lora,ewc-dc,ewc-dc[dc_k=5,dc_batch=2],ewc-dc[dc_k=5],ewc-dc[dc_batch=2],dsc-ewc-dc,dsc-ewc-dc[dc_k=5,dc_batch=2,dsc_iters=100]" ;;
     t6-v2|t6-vera-v2|t6b-v2|t10-v2|t50-v2|dc-term-val)  # one process (SHARDS=1)
       v2_bench "$stage"
@@ -149,7 +152,7 @@ run_stage() {
         else
           in_shards "$OUT/tuning.shard" $PY benchmarks/tuning.py run --round $round --root "$OUT/tuning" --model "$MODEL"
         fi
-        $PY benchmarks/tuning.py table --root "$OUT/tuning" --out benchmarks/results/tuning --docs docs/DEFAULTS.md
+        $PY benchmarks/tuning.py table --root "$OUT/tuning" --out "$REPO/benchmarks/results/tuning" --docs "$REPO/docs/DEFAULTS.md"
       done ;;
     t50-elim)  # issue 18 item 7: full vs successive-elimination DC classification, side by side, on the same
                # t50-v2 state (its seed-0 ewc-dc run; the bench keeps each run's final state, in its shard's
@@ -157,7 +160,7 @@ run_stage() {
       state=$(ls -d "$OUT"/v2-tabletop-50/runs/ewc-dc-lora/seed0/state "$OUT"/v2-tabletop-50.shards/*/runs/ewc-dc-lora/seed0/state 2>/dev/null | head -1)
       $PY benchmarks/dc_elimination.py --state "$state" \
         --data "$(ls -d "$OUT"/v2-tabletop-50/data/tabletop-50-* "$OUT"/v2-tabletop-50.shards/*/data/tabletop-50-* 2>/dev/null | head -1)" \
-        --out benchmarks/results/dc-elimination-tabletop-50.json ;;
+        --out "$REPO/benchmarks/results/dc-elimination-tabletop-50.json" ;;
     t6)
       $CS bench --sequence tabletop-6 --adapter lora --seeds 3 --out "$OUT/tabletop-6-lora" \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion ;;
