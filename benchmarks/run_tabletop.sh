@@ -17,6 +17,9 @@
 #   t6-vera-v2, t6b-v2, t10-v2, t50-v2   VeRA (3 seeds), tabletop-6b (independent; never tuned on;
 #            3 seeds), tabletop-10 (3 seeds), tabletop-50 (c-lora, ewc-dc; 2 seeds)
 #   t50-elim the final DC evaluation of a t50-v2 state, full and by successive elimination, side by side
+#   vera-lr-val  VeRA's shared learning rate on val (its v1 default 1e-2 was chosen on v1's report views):
+#            lora and ewc-dc on VeRA at 3e-3 / 1e-2 / 3e-2, tabletop-6 val, 2 seeds; the rate with the lowest
+#            mean val A_MMD over both methods and seeds becomes VeRA's default. Run it before t6-vera-v2.
 #   dc-term-val  why the EWC-DC methods trail on val: ewc-dc without its DC term (dc_delta 0) at the
 #            grid's smallest and largest rate, ewc_lambda 10, token_lr 5e-3 (tabletop-6 val, seeds 0-1): each
 #            run differs from an ewc-dc grid run only in the DC term, and from a lora-ewc grid run only in
@@ -40,7 +43,7 @@ MODEL=${MODEL:-tiny}
 # a second worktree, so that commits do not change the code under it, points this at the one you commit from)
 REPO=${REPO:-.}
 SHARDS=${SHARDS:-1}
-STAGES=${STAGES:-"tune t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim dc-term-val"}
+STAGES=${STAGES:-"tune vera-lr-val t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim dc-term-val"}
 FIVE="lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc"
 CARRY=${CARRY:-}
 carry_save() { [ -z "$CARRY" ] || $PY benchmarks/carry.py save "$OUT" "$CARRY" --images; }
@@ -77,6 +80,8 @@ v2_bench() {
     t10-v2) NAME=v2-tabletop-10; ARGS=(--sequence tabletop-10 --split test --adapter lora --seeds 3 --methods "$FIVE") ;;
     t50-v2) NAME=v2-tabletop-50; ARGS=(--sequence tabletop-50 --split test --adapter lora --seeds 2 --eval-every 10
       --dc-elimination "${DC_ELIMINATION:-none}" --methods c-lora,ewc-dc) ;;
+    vera-lr-val) NAME=vera-lr-val; ARGS=(--sequence tabletop-6 --split val --adapter vera --seeds 2 --eval-every 6
+      --methods lora,ewc-dc --sweep lr=0.003,0.01,0.03) ;;
     dc-term-val) NAME=dc-term-val; ARGS=(--sequence tabletop-6 --split val --adapter lora --seeds 2 --methods ewc-dc
       --sweep lr=0.0003,0.003 --sweep dc_delta=0 --set ewc_lambda=10 --set token_lr=0.005) ;;
     *) return 1 ;;
@@ -142,7 +147,7 @@ run_stage() {
                    # the old dsc_iters=100 as variants), 6 timed tasks so a k=5 candidate set fills up
       $CS bench-speed --parts training --timed-tasks 6 --label levers --out "${SPEED_OUT:-$REPO/benchmarks/results}" \
         --methods "lora,ewc-dc,ewc-dc[dc_k=5,dc_batch=2],ewc-dc[dc_k=5],ewc-dc[dc_batch=2],dsc-ewc-dc,dsc-ewc-dc[dc_k=5,dc_batch=2,dsc_iters=100]" ;;
-    t6-v2|t6-vera-v2|t6b-v2|t10-v2|t50-v2|dc-term-val)  # one process (SHARDS=1)
+    t6-v2|t6-vera-v2|t6b-v2|t10-v2|t50-v2|vera-lr-val|dc-term-val)  # one process (SHARDS=1)
       v2_bench "$stage"
       $CS bench "${ARGS[@]}" --out "$OUT/$NAME" ;;
     tune)  # the grids, their table (the winners), then the token-rate round at those winners, and the final table

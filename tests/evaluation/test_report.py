@@ -153,3 +153,42 @@ def test_publish_snippet_names_split_model_seeds_command_and_has_both_paired_tab
     doc["settings"].update(steps=None, steps_per_task={"lora": 200, "textual-inversion": 1000})
     first = publish.snippet(doc, Path("benchmarks/results/x"), "x").splitlines()[0]
     assert "`lora` 200, `textual-inversion` 1000 steps per task" in first
+
+
+def _diag_run(diagonal: list[float], final: list[float] | None = None) -> dict:
+    """A run whose MMD matrix has ``diagonal`` (each concept right after it was learned)."""
+    n = len(diagonal)
+    rows = [[diagonal[i] if i == r else (final or diagonal)[i] if i < r else None for i in range(n)]
+            for r in range(n)]
+    return {"matrices": {"MMD": rows}}
+
+
+def test_transfer_table_sets_each_concept_against_single_task_on_the_same_seed(tmp_path):
+    from conceptstream.evaluation.report import transfer_lines, transfer_rows
+
+    single = [[300.0, 250.0, 260.0], [320.0, 240.0, 270.0], [310.0, 255.0, 250.0]]
+    later_gain = [[10.0, 20.0], [12.0, 18.0], [14.0, 16.0]]  # lora draws tasks 2-3 better by these, every seed
+    doc = {"runs": {
+        "single-task": {"bound": "single-task", "seeds": {str(k): _diag_run(d) for k, d in enumerate(single)}},
+        "joint": {"bound": "joint", "seeds": {str(k): _diag_run(d) for k, d in enumerate(single)}},
+        "lora": {"bound": None, "seeds": {str(k): _diag_run([d[0], d[1] - g[0], d[2] - g[1]])
+                                          for k, (d, g) in enumerate(zip(single, later_gain))}},
+        # seed 0: 5 worse on task 1, equal later; seed 1: equal on task 1, 10 worse later; seed 7: not paired
+        "c-lora": {"bound": None, "seeds": {"0": _diag_run([305.0, 250.0, 260.0]), "1": _diag_run([320.0, 250.0, 280.0]),
+                                            "7": _diag_run([1.0, 1.0, 1.0])}},
+    }}
+    rows = transfer_rows(doc)
+    assert set(rows) == {"lora", "c-lora"}  # bounds are not rows
+    lora = rows["lora"]
+    assert lora["first"]["mean"] == 0.0 and lora["first"]["n"] == 3 and not lora["first"]["separated"]
+    assert lora["later"]["mean"] == 15.0 and lora["later"]["separated"] and lora["later"]["wins"] == 3
+    assert lora["per_task"] == {0: 0.0, 1: 12.0, 2: 18.0}  # mean d per task over the seeds
+    clora = rows["c-lora"]
+    assert clora["first"]["n"] == 2 and clora["first"]["mean"] == -2.5  # seed 7 has no single-task run
+    assert clora["later"]["mean"] == (0.0 + (-10.0)) / 2
+    lines = transfer_lines(doc)
+    assert lines[0] == "### Each concept right after it was learned, against `single-task` (same seed)"
+    assert "| `lora` | 3 | +0.0 [+0.0, +0.0] not separated (0/3 better) | +15.0 [" in "\n".join(lines)
+    assert any(line.startswith("| method | seeds | d task 1 [95% CI] | mean d tasks 2..N [95% CI] | d task 1 |")
+               for line in lines)
+    assert transfer_lines({"runs": {"lora": doc["runs"]["lora"]}}) == []  # no single-task row: no section

@@ -169,17 +169,23 @@ def paired_table(doc: Mapping[str, Any], reference: str | None = None) -> list[s
 
 def paired_note(doc: Mapping[str, Any], reference: str | None = None) -> str:
     """How to read the paired table: what "separated" means, with the seeds it rests on."""
+    paired = _paired_rows(doc, reference)
+    return (f"How to read: {_separated_phrase(paired[1].values() if paired else ())} "
+            "Δ < 0 is better for ↓ columns, Δ > 0 for ↑ columns; few seeds give wide intervals.")
+
+
+def _separated_phrase(rows: Any) -> str:
+    """What "separated" means, with the seed counts of ``rows`` (each a mapping key -> paired difference)."""
     from conceptstream.evaluation.matrices import t_quantile
 
-    paired = _paired_rows(doc, reference)
-    counts = sorted({d["n"] for diffs in (paired[1].values() if paired else ()) for d in diffs.values() if d["n"] > 1})
+    counts = sorted({d["n"] for diffs in rows for d in diffs.values()
+                     if isinstance(d, Mapping) and "n" in d and d["n"] > 1})
     if len(counts) == 1:
         n = counts[0]
         seeds = f"with {n} seeds (interval: mean ± {t_quantile(0.975, n - 1):.3f} × sd / √{n})"
     else:
         seeds = "with n seeds (the seeds column; interval: mean ± t(0.975, n-1) × sd / √n)"
-    return (f"How to read: separated = the 95% t-interval of the per-seed paired difference excludes 0; {seeds}. "
-            "Δ < 0 is better for ↓ columns, Δ > 0 for ↑ columns; few seeds give wide intervals.")
+    return f"separated = the 95% t-interval of the per-seed paired difference excludes 0; {seeds}."
 
 
 # ------------------------------------------------------------------------------ plots
@@ -489,6 +495,77 @@ def _bound_lines(doc: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+TRANSFER_REFERENCE = "single-task"  # the fresh-adapter row that each concept's first score is compared with
+TRANSFER_TASK_COLUMNS = 10  # per-task columns up to this stream length; longer streams get only the means
+
+
+def _diagonal(run: Mapping[str, Any]) -> list[float | None]:
+    rows = (run.get("matrices") or {}).get("MMD") or []
+    return [row[i] if i < len(row) else None for i, row in enumerate(rows)]
+
+
+def transfer_rows(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per continual method, how it learned each concept compared with :data:`TRANSFER_REFERENCE` on the same
+    seed: ``d = reference M[i][i] - method M[i][i]`` (MMD, lower is better, so d > 0 = the method drew concept
+    i better right after learning it than a fresh adapter from the base model did). ``first`` is task 1's d
+    (0 for ``lora`` by construction: the same start, adapter and seeds, so a check), ``later`` the mean d over
+    tasks 2..N (forward transfer: what the earlier concepts' training gives the later ones), each as
+    :func:`paired_differences` aggregates over seeds; ``per_task`` the mean d per task over seeds. Empty
+    without a ``single-task`` row."""
+    from conceptstream.evaluation.matrices import paired_differences
+
+    runs = doc.get("runs", {})
+    ref = next((r for r in runs.values() if r.get("bound") == TRANSFER_REFERENCE), None)
+    if ref is None:
+        return {}
+    ref_diag = {k: _diagonal(run) for k, run in ref["seeds"].items()}
+    out: dict[str, dict[str, Any]] = {}
+    for label, r in runs.items():
+        if r.get("bound"):
+            continue
+        per_seed, per_task = {}, {}
+        for k, run in r["seeds"].items():
+            if k not in ref_diag:
+                continue
+            d = [None if a is None or b is None else b - a for a, b in zip(_diagonal(run), ref_diag[k])]
+            later = [x for x in d[1:] if x is not None]
+            per_seed[k] = {"first": d[0] if d else None, "later": sum(later) / len(later) if later else None}
+            for i, x in enumerate(d):
+                if x is not None:
+                    per_task.setdefault(i, []).append(x)
+        if not per_seed:
+            continue
+        zero = {k: {"first": 0.0, "later": 0.0} for k in per_seed}
+        out[label] = {**paired_differences(per_seed, zero, {"first": True, "later": True}),
+                      "per_task": {i: sum(v) / len(v) for i, v in sorted(per_task.items())}}
+    return out
+
+
+def transfer_lines(doc: Mapping[str, Any]) -> list[str]:
+    """The report's section on :func:`transfer_rows`: what the ``single-task`` bound bounds in this bench."""
+    rows = transfer_rows(doc)
+    if not rows:
+        return []
+    n_tasks = max((max(r["per_task"], default=-1) + 1 for r in rows.values()), default=0)
+    tasks = list(range(n_tasks)) if n_tasks <= TRANSFER_TASK_COLUMNS else []
+    lines = [f"### Each concept right after it was learned, against `{TRANSFER_REFERENCE}` (same seed)", "",
+             f"d = `{TRANSFER_REFERENCE}`'s MMD of concept i minus the method's, both right after concept i was "
+             "learned (d > 0: the method drew it better than a fresh adapter from the base model did). Task 1 "
+             "starts from the base model for every adapter method, so `lora`'s d there is 0 (a check); for tasks "
+             "2..N it is forward transfer: what learning the earlier concepts gave the later ones. Where it is "
+             f"positive, `{TRANSFER_REFERENCE}` is not a ceiling on plasticity in this bench; "
+             + _separated_phrase(rows.values()), "",
+             "| method | seeds | d task 1 [95% CI] | mean d tasks 2..N [95% CI] |"
+             + "".join(f" d task {i + 1} |" for i in tasks),
+             "|---|---|---|---|" + "---|" * len(tasks)]
+    for label, r in rows.items():
+        n = max(r["first"]["n"], r["later"]["n"])
+        cells = [_paired_cell(r["first"], 1), _paired_cell(r["later"], 1)]
+        cells += [f"{r['per_task'][i]:+.1f}" if i in r["per_task"] else "" for i in tasks]
+        lines.append(f"| `{label}` | {n} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_report(doc: Mapping[str, Any], out: str | Path) -> Path:
     """Write ``out/report.md`` (and figures under ``out/report/``) from a results document."""
     out = Path(out)
@@ -509,6 +586,7 @@ def write_report(doc: Mapping[str, Any], out: str | Path) -> Path:
            "± is the half-width of the 95% Student-t interval of the mean (none for one seed).", "",
            *summary_table(doc), ""]
     md += _bound_lines(doc)
+    md += transfer_lines(doc)
     for i, reference in enumerate(paired_references(doc)):
         paired = paired_table(doc, reference)
         if not paired:
