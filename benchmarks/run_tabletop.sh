@@ -20,6 +20,9 @@
 #   vera-lr-val  VeRA's shared learning rate on val (its v1 default 1e-2 was chosen on v1's report views):
 #            lora and ewc-dc on VeRA at 3e-3 / 1e-2 / 3e-2, tabletop-6 val, 2 seeds; the rate with the lowest
 #            mean val A_MMD over both methods and seeds becomes VeRA's default. Run it before t6-vera-v2.
+#   ewc-lambda-val  does EWC let the shared adapter move at all? (the grids' lambda 10-1000 all tie, and the DSC
+#            pools of t6-v2 show the adapter frozen after task 1-2): lora-ewc and ewc-dc at their tuned rates with
+#            ewc_lambda 0.01 / 0.1 / 1, tabletop-6 val, 2 seeds; a diagnosis beside tuning.json's grid points
 #   dc-term-val  why the EWC-DC methods trail on val: ewc-dc without its DC term (dc_delta 0) at the
 #            grid's smallest and largest rate, ewc_lambda 10, token_lr 5e-3 (tabletop-6 val, seeds 0-1): each
 #            run differs from an ewc-dc grid run only in the DC term, and from a lora-ewc grid run only in
@@ -82,6 +85,8 @@ v2_bench() {
       --dc-elimination "${DC_ELIMINATION:-none}" --methods c-lora,ewc-dc) ;;
     vera-lr-val) NAME=vera-lr-val; ARGS=(--sequence tabletop-6 --split val --adapter vera --seeds 2 --eval-every 6
       --methods lora,ewc-dc --sweep lr=0.003,0.01,0.03) ;;
+    ewc-lambda-val) NAME=ewc-lambda-val; ARGS=(--sequence tabletop-6 --split val --adapter lora --seeds 2 --eval-every 6
+      --methods lora-ewc,ewc-dc --sweep ewc_lambda=0.01,0.1,1) ;;
     dc-term-val) NAME=dc-term-val; ARGS=(--sequence tabletop-6 --split val --adapter lora --seeds 2 --methods ewc-dc
       --sweep lr=0.0003,0.003 --sweep dc_delta=0 --set ewc_lambda=10 --set token_lr=0.005) ;;
     *) return 1 ;;
@@ -147,7 +152,7 @@ run_stage() {
                    # the old dsc_iters=100 as variants), 6 timed tasks so a k=5 candidate set fills up
       $CS bench-speed --parts training --timed-tasks 6 --label levers --out "${SPEED_OUT:-$REPO/benchmarks/results}" \
         --methods "lora,ewc-dc,ewc-dc[dc_k=5,dc_batch=2],ewc-dc[dc_k=5],ewc-dc[dc_batch=2],dsc-ewc-dc,dsc-ewc-dc[dc_k=5,dc_batch=2,dsc_iters=100]" ;;
-    t6-v2|t6-vera-v2|t6b-v2|t10-v2|t50-v2|vera-lr-val|dc-term-val)  # one process (SHARDS=1)
+    t6-v2|t6-vera-v2|t6b-v2|t10-v2|t50-v2|vera-lr-val|ewc-lambda-val|dc-term-val)  # one process (SHARDS=1)
       v2_bench "$stage"
       $CS bench "${ARGS[@]}" --out "$OUT/$NAME" ;;
     tune)  # the grids, their table (the winners), then the token-rate round at those winners, and the final table
