@@ -119,7 +119,7 @@ def test_variants_labels_dirs_and_sweeps():
     # a run's recorded settings carry the adapter's learning rate (so runs under another default are refused)
     from conceptstream.methods.registry import method_defaults
 
-    assert method_defaults("ewc-dc", "vera")["lr"] == 1e-2 and method_defaults("ewc-dc", "lora")["lr"] == 3e-4
+    assert method_defaults("ewc-dc", "vera")["lr"] == 3e-3 and method_defaults("ewc-dc", "lora")["lr"] == 3e-4
     assert method_defaults("custom-diffusion", None)["lr"] == 1e-4  # no adapter: the method's own rate
     with pytest.raises(UserInputError, match="no_such_setting"):
         expand_variants(["lora"], "lora", {"no_such_setting": [1]})

@@ -34,8 +34,8 @@ BEFORE = {
     "lora-ewc": {**TRAIN, "lr": 0.003, **EWC, "ewc_lambda": 1000.0},
     "textual-inversion": {**TRAIN, "token_lr": 0.002},
 }
-# lr on VeRA and without an adapter (None), where it differs from the LoRA row above
-LR_VERA = {"dsc": 0.01, "dsc-ewc": 0.01, "dsc-ewc-dc": 0.01, "ewc-dc": 0.01, "lora": 0.01, "lora-ewc": 0.01}
+# lr on VeRA (its val grid, stage vera-lr-val) and without an adapter (None), where it differs from the LoRA row
+LR_VERA = {"dsc": 0.003, "dsc-ewc": 0.003, "dsc-ewc-dc": 0.003, "ewc-dc": 0.003, "lora": 0.003, "lora-ewc": 0.003}
 LR_NONE = {"c-lora": 0.001, "lora": 0.001, "lora-ewc": 0.001, "ewc-dc": 0.001, "dsc-ewc": 0.001,
            "dsc-ewc-dc": 0.001}
 

@@ -158,7 +158,7 @@ def setting_specs(configs: tuple[type, ...]) -> dict[str, SettingSpec]:
 class TrainConfig:
     """Training settings every method has."""
 
-    lr: float = setting(1e-3, "adapter learning rate; the adapter kind sets the default, VeRA's is 1e-2", gt=0)
+    lr: float = setting(1e-3, "adapter learning rate; the method and the adapter kind set the default (docs/DEFAULTS.md)", gt=0)
     token_lr: float = setting(5e-3, "learning rate of the new token's embedding row", gt=0)
     batch_size: int = setting(4, "latent samples per training step", ge=1)
 
