@@ -376,6 +376,9 @@ def test_results_json_has_summary_matrices_and_settings(bench_dir):
         for t in run["tasks"]:
             assert t["eval_seconds"] > 0 and t["memory"]["peak_rss_mib"] > 0
         assert all(t["learn_seconds"] is not None for t in run["tasks"])
+        # how far task 2 moved the adapter that task 1 left (none for the task that made it)
+        changes = [t["adapter_change"] for t in run["tasks"]]
+        assert changes[0] is None and isinstance(changes[1], float) and changes[1] > 0
         mean = doc["runs"][label]["mean_matrices"]["MMD"]
         assert mean[0][1] is None and mean == run["matrices"]["MMD"]
     assert doc["runs"]["ewc-dc"]["seeds"]["0"]["hparams"]["ewc_lambda"] is not None
@@ -399,6 +402,7 @@ def test_report_links_point_to_existing_files(bench_dir):
     assert "## Summary" in text and "`ewc-dc`" in text and "T2I is not reported" in text
     assert any("heatmap-MMD" in p for p in images) and any("grid-final" in p for p in images)
     assert any("multi/pair" in p for p in images)
+    assert "### How far each task moved the shared adapter" in text
     settings_row = next(line for line in text.splitlines() if line.startswith("| `ewc-dc` | `"))
     assert "`lr=0.0003`" in settings_row and "`ewc_lambda=" in settings_row  # every setting, defaults included
 

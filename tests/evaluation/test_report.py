@@ -192,3 +192,18 @@ def test_transfer_table_sets_each_concept_against_single_task_on_the_same_seed(t
     assert any(line.startswith("| method | seeds | d task 1 [95% CI] | mean d tasks 2..N [95% CI] | d task 1 |")
                for line in lines)
     assert transfer_lines({"runs": {"lora": doc["runs"]["lora"]}}) == []  # no single-task row: no section
+
+
+def test_adapter_change_table_is_the_mean_over_seeds_per_task():
+    from conceptstream.evaluation.report import adapter_change_lines
+
+    tasks = lambda *c: [{"adapter_change": x} for x in c]  # noqa: E731
+    doc = {"runs": {"lora": {"seeds": {"0": {"tasks": tasks(None, 0.5, 0.25)}, "1": {"tasks": tasks(None, 0.3, 0.35)}}},
+                    "ewc-dc": {"seeds": {"0": {"tasks": tasks(None, 0.0, 0.0)}}},
+                    "textual-inversion": {"seeds": {"0": {"tasks": tasks(None, None, None)}}}}}
+    lines = adapter_change_lines(doc)
+    assert lines[0] == "### How far each task moved the shared adapter"
+    assert "| `lora` | 0.3500 | 0.4000 | 0.3000 |" in lines  # tasks 2, 3: (0.5+0.3)/2, (0.25+0.35)/2
+    assert "| `ewc-dc` | 0.0000 | 0.0000 | 0.0000 |" in lines
+    assert not any("textual-inversion" in line for line in lines)  # no adapter: no row
+    assert adapter_change_lines({"runs": {"x": {"seeds": {"0": {"tasks": tasks(None)}}}}}) == []

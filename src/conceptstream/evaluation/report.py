@@ -566,6 +566,33 @@ def transfer_lines(doc: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def adapter_change_lines(doc: Mapping[str, Any]) -> list[str]:
+    """How far each task moved the shared adapter (``adapter_change`` of the runs' task records: the relative
+    change of what the adapter adds to the weights), mean over seeds per task; empty when no run recorded it."""
+    rows: dict[str, dict[int, list[float]]] = {}
+    for label, r in doc.get("runs", {}).items():
+        for run in r.get("seeds", {}).values():
+            for i, task in enumerate(run.get("tasks") or []):
+                if task.get("adapter_change") is not None:
+                    rows.setdefault(label, {}).setdefault(i, []).append(task["adapter_change"])
+    if not rows:
+        return []
+    n_tasks = max(max(per) + 1 for per in rows.values())
+    tasks = list(range(1, n_tasks)) if n_tasks <= TRANSFER_TASK_COLUMNS else []
+    lines = ["### How far each task moved the shared adapter", "",
+             "||dW after the task - dW before|| / ||dW before||, with dW = B @ A of every LoRA layer (other adapters: "
+             "their tensors), mean over seeds; 0 = the task was learned by its token alone. Methods with one "
+             "adapter per task (`c-lora`: the current one) or without an adapter file are not comparable or absent.", "",
+             "| method | mean over tasks 2..N |" + "".join(f" task {i + 1} |" for i in tasks),
+             "|---|---|" + "---|" * len(tasks)]
+    for label, per in rows.items():
+        means = {i: sum(v) / len(v) for i, v in per.items()}
+        overall = sum(means.values()) / len(means)
+        cells = [f"{overall:.4f}"] + [f"{means[i]:.4f}" if i in means else "" for i in tasks]
+        lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_report(doc: Mapping[str, Any], out: str | Path) -> Path:
     """Write ``out/report.md`` (and figures under ``out/report/``) from a results document."""
     out = Path(out)
@@ -587,6 +614,7 @@ def write_report(doc: Mapping[str, Any], out: str | Path) -> Path:
            *summary_table(doc), ""]
     md += _bound_lines(doc)
     md += transfer_lines(doc)
+    md += adapter_change_lines(doc)
     for i, reference in enumerate(paired_references(doc)):
         paired = paired_table(doc, reference)
         if not paired:

@@ -39,8 +39,8 @@ SUMMARY_KEYS = {
     "learn_seconds": "training time of the whole stream"}
 
 # Per-task fields of a run that results.json keeps (the scores are in the matrices).
-TASK_FIELDS = ("task", "token", "noun", "learn_seconds", "eval_seconds", "final_loss", "memory", "logs", "samples",
-               "sample_tiles", "note")
+TASK_FIELDS = ("task", "token", "noun", "learn_seconds", "eval_seconds", "final_loss", "adapter_change", "memory", "logs",
+               "samples", "sample_tiles", "note")
 
 
 def clean_json(obj: Any) -> Any:

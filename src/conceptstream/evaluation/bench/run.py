@@ -194,6 +194,7 @@ class BenchRun:
 
         s, c = self.ctx.settings, self.ctx.data.concepts[n]
         first = self.creates_state(n)
+        before = None if first else self._adapter_delta(self.state_for(n))
         t0 = time.time()
         report = api.learn(self.state_for(n), c.path, method=self.variant.method, model=s.model,
                            steps=self.variant.task_steps(s.steps),
@@ -205,10 +206,29 @@ class BenchRun:
         write_json_atomic(logs_path, clean_json(report.logs))
         progress["pending"] = {"task": n, "learn_seconds": round(time.time() - t0, 3),
                                "final_loss": report.final_loss, "steps": report.steps,
-                               "logs": self.rel(logs_path), "memory_after_learn": memory_usage()}
+                               "logs": self.rel(logs_path), "memory_after_learn": memory_usage(),
+                               "adapter_change": self._adapter_change(before, self.state_for(n))}
         self._save_progress(progress)
         self.ctx.log(f"{self.prefix}: task {n + 1}/{len(self.ctx.data.concepts)} learned {c.token} ({c.noun}) in "
                      f"{time.time() - t0:.1f}s, final loss {report.final_loss:.4f}")
+
+    @staticmethod
+    def _adapter_delta(state: Path):
+        """What the state's adapter adds to the weights (:func:`~conceptstream.adapters.drift.weight_delta`),
+        None for a state without an adapter file (Textual Inversion, Custom Diffusion keep theirs elsewhere)."""
+        from conceptstream.adapters.drift import weight_delta
+        from conceptstream.state.store import StateStore
+
+        store = StateStore(state)
+        return weight_delta(store.load_tensors("adapter")) if store.exists() and store.has_file("adapter") else None
+
+    def _adapter_change(self, before, state: Path) -> float | None:
+        """How far learning the task moved the shared adapter, relative to where it stood (None for the first
+        task of a state or without an adapter)."""
+        from conceptstream.adapters.drift import relative_change
+
+        after = self._adapter_delta(state) if before is not None else None
+        return None if after is None else relative_change(after, before)
 
     def _evaluate_task(self, n: int, progress: dict[str, Any], include_noun: bool) -> None:
         """Score the concepts seen after task ``n`` (all of them, or only the new one on a sparse row); save the entry."""
