@@ -46,7 +46,7 @@ MODEL=${MODEL:-tiny}
 # a second worktree, so that commits do not change the code under it, points this at the one you commit from)
 REPO=${REPO:-.}
 SHARDS=${SHARDS:-1}
-STAGES=${STAGES:-"tune vera-lr-val t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim dc-term-val"}
+STAGES=${STAGES:-"tune vera-lr-val t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim dc-term-val ewc-lambda-val"}
 FIVE="lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc"
 CARRY=${CARRY:-}
 carry_save() { [ -z "$CARRY" ] || $PY benchmarks/carry.py save "$OUT" "$CARRY" --images; }
