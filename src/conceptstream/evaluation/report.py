@@ -170,16 +170,16 @@ def paired_table(doc: Mapping[str, Any], reference: str | None = None) -> list[s
 def paired_note(doc: Mapping[str, Any], reference: str | None = None) -> str:
     """How to read the paired table: what "separated" means, with the seeds it rests on."""
     paired = _paired_rows(doc, reference)
-    return (f"How to read: {_separated_phrase(paired[1].values() if paired else ())} "
+    diffs = [d for row in paired[1].values() for d in row.values()] if paired else []
+    return (f"How to read: {_separated_phrase(diffs)} "
             "Δ < 0 is better for ↓ columns, Δ > 0 for ↑ columns; few seeds give wide intervals.")
 
 
-def _separated_phrase(rows: Any) -> str:
-    """What "separated" means, with the seed counts of ``rows`` (each a mapping key -> paired difference)."""
+def _separated_phrase(diffs: Sequence[Mapping[str, Any]]) -> str:
+    """What "separated" means, with the seed counts ``n`` of the paired differences ``diffs`` it describes."""
     from conceptstream.evaluation.matrices import t_quantile
 
-    counts = sorted({d["n"] for diffs in rows for d in diffs.values()
-                     if isinstance(d, Mapping) and "n" in d and d["n"] > 1})
+    counts = sorted({d["n"] for d in diffs if d["n"] > 1})
     if len(counts) == 1:
         n = counts[0]
         seeds = f"with {n} seeds (interval: mean ± {t_quantile(0.975, n - 1):.3f} × sd / √{n})"
@@ -500,8 +500,12 @@ TRANSFER_TASK_COLUMNS = 10  # per-task columns up to this stream length; longer 
 
 
 def _diagonal(run: Mapping[str, Any]) -> list[float | None]:
-    rows = (run.get("matrices") or {}).get("MMD") or []
-    return [row[i] if i < len(row) else None for i, row in enumerate(rows)]
+    """A run's MMD right after each task (None where it was not scored)."""
+    from conceptstream.evaluation.matrices import ContinualMatrix
+
+    rows = (run.get("matrices") or {}).get("MMD")
+    diagonal = ContinualMatrix.from_list(rows).diagonal() if rows else []
+    return [None if math.isnan(v) else v for v in diagonal]
 
 
 def transfer_rows(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -554,7 +558,7 @@ def transfer_lines(doc: Mapping[str, Any]) -> list[str]:
              "starts from the base model for every adapter method, so `lora`'s d there is 0 (a check); for tasks "
              "2..N it is forward transfer: what learning the earlier concepts gave the later ones. Where it is "
              f"positive, `{TRANSFER_REFERENCE}` is not a ceiling on plasticity in this bench; "
-             + _separated_phrase(rows.values()), "",
+             + _separated_phrase([r[key] for r in rows.values() for key in ("first", "later")]), "",
              "| method | seeds | d task 1 [95% CI] | mean d tasks 2..N [95% CI] |"
              + "".join(f" d task {i + 1} |" for i in tasks),
              "|---|---|---|---|" + "---|" * len(tasks)]
