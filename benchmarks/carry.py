@@ -1,14 +1,22 @@
-"""Carry a campaign's finished bench runs across sessions whose work dirs are lost.
+"""Carry a campaign's bench runs across sessions whose work dirs are lost.
 
 A bench skips every run whose ``runs/<variant>/seed<k>/result.json`` exists with the current config
 (:meth:`conceptstream.evaluation.bench.run.BenchRun.finished`), so those files are all a later session needs
 to resume a stage. ``save`` copies them (and, with ``--images``, the first seed's sample strips and
 multi-concept samples, which the report's grids show; not those of the tuning benches, never published)
 from a campaign folder into a folder that is committed; ``restore`` copies them back before the stage
-is rerun. Only scores and generated samples travel: no training image, latent or feature of a concept,
-no model state (a run that was cut off restarts).
+is rerun. Only scores, generated samples and (``--partial``) learned states travel: no training image,
+latent or feature of a concept.
 
-    python benchmarks/carry.py save bench benchmarks/carried [--images]
+With ``--partial`` a run that has not finished is carried too, so a long run (tabletop-50's take hours)
+resumes after the task it had reached instead of restarting: its ``progress.json``, task logs and
+samples, and its state's live generation (``CURRENT`` and the files it names; what ``conceptstream learn``
+wrote: tokens, adapter, method tensors). The snapshot is taken again if the run moved on while it was
+copied, and replaces the carried one whole. ``restore`` brings a carried unfinished run back only into a
+work dir that has no progress of that run; once the run finishes, ``save`` replaces its carried snapshot
+by its ``result.json``.
+
+    python benchmarks/carry.py save bench benchmarks/carried [--images] [--partial]
     python benchmarks/carry.py restore benchmarks/carried bench
 
 ``restore`` never overwrites a file that exists; ``save`` replaces a carried file whose run was recomputed
@@ -24,19 +32,95 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 IMAGE_SEED = "seed0"  # the report's grids show each variant's first seed
+PROGRESS, RESULT, CURRENT = "progress.json", "result.json", "CURRENT"
+
+
+def _merged(bench: Path) -> bool:
+    """A bench merged from shards (``NAME`` beside ``NAME.shards``): the merge is redone from the shards."""
+    return bench.with_name(bench.name + ".shards").is_dir()
+
+
+def _carries_images(run: Path, root: Path, images: bool) -> bool:
+    """Whether a run's samples travel: with ``images``, the first seed's, never a tuning bench's."""
+    return images and run.name == IMAGE_SEED and "tuning" not in run.relative_to(root).parts
 
 
 def finished_files(root: Path, images: bool) -> Iterator[Path]:
     """Every finished run's ``result.json`` under ``root`` (and with ``images`` its first seed's samples); not
-    those of a bench merged from shards (``NAME`` beside ``NAME.shards``): the merge is redone from the shards."""
-    for result in sorted(root.rglob("runs/*/seed*/result.json")):
-        bench = result.parents[3]
-        if bench.with_name(bench.name + ".shards").is_dir():
+    those of a bench merged from shards."""
+    for result in sorted(root.rglob(f"runs/*/seed*/{RESULT}")):
+        if _merged(result.parents[3]):
             continue
         yield result
-        if images and result.parent.name == IMAGE_SEED and "tuning" not in result.relative_to(root).parts:
+        if _carries_images(result.parent, root, images):
             for sub in ("samples", "multi"):
                 yield from sorted((result.parent / sub).glob("*.png"))
+
+
+def unfinished_runs(root: Path) -> Iterator[Path]:
+    """The run folders under ``root`` that have progress but no result (not those of a merged bench)."""
+    for progress in sorted(root.rglob(f"runs/*/seed*/{PROGRESS}")):
+        run = progress.parent
+        if not (run / RESULT).exists() and not _merged(run.parents[2]):
+            yield run
+
+
+def run_of(rel: Path) -> Path | None:
+    """The ``.../runs/<variant>/seed<k>`` folder a relative path lies in, None outside any run."""
+    parts = rel.parts
+    for i in range(len(parts) - 3):
+        if parts[i] == "runs" and parts[i + 2].startswith("seed"):
+            return Path(*parts[: i + 3])
+    return None
+
+
+def _marker(run: Path) -> tuple[bytes | None, str | None]:
+    """What says how far a run has got: its progress file and the state generation ``CURRENT`` names."""
+    def read(path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+    current = read(run / "state" / CURRENT)
+    return read(run / PROGRESS), None if current is None else current.decode().strip()
+
+
+def snapshot_files(run: Path, samples: bool) -> list[Path]:
+    """What resumes an unfinished run: its progress, task logs, (``samples``) sample strips, and its state's
+    live generation (never the lock, older generations or an in-task checkpoint: the task restarts)."""
+    files = [run / PROGRESS, *sorted((run / "logs").glob("*.json"))]
+    if samples:
+        files += sorted((run / "samples").glob("*.png"))
+    generation = _marker(run)[1]
+    if generation is not None:
+        files += [run / "state" / CURRENT, *sorted(p for p in (run / "state" / generation).iterdir() if p.is_file())]
+    return files
+
+
+def snapshot_run(run: Path, target: Path, samples: bool, attempts: int = 5) -> bool:
+    """Carry unfinished ``run`` to ``target``, replacing the snapshot there whole; False when it is current.
+    Copied again while the run moves on (a task learned or evaluated meanwhile), so the progress and the
+    state always belong together."""
+    for _attempt in range(attempts):
+        before = _marker(run)
+        if not (target / RESULT).exists() and _marker(target) == before:
+            return False
+        tmp = target.with_name(target.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            for f in snapshot_files(run, samples):
+                dst = tmp / f.relative_to(run)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, dst)
+        except FileNotFoundError:  # an old generation deleted under us: the run committed a new one
+            continue
+        if _marker(run) != before:
+            continue
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.replace(target)
+        return True
+    shutil.rmtree(target.with_name(target.name + ".part"), ignore_errors=True)
+    raise RuntimeError(f"{run} kept changing while it was copied; save again")
 
 
 def copy_files(files: Sequence[Path], src: Path, dst: Path, replace: bool) -> int:
@@ -55,6 +139,40 @@ def copy_files(files: Sequence[Path], src: Path, dst: Path, replace: bool) -> in
     return count
 
 
+def save(src: Path, dst: Path, images: bool, partial: bool) -> str:
+    files = list(finished_files(src, images))
+    for result in files:  # a run carried unfinished and finished since: its snapshot gives way to the result
+        carried = dst / result.parent.relative_to(src)
+        if result.name == RESULT and (carried / PROGRESS).exists():
+            shutil.rmtree(carried)
+    count = copy_files(files, src, dst, replace=True)
+    line = f"{sum(1 for f in files if f.name == RESULT)} finished run(s) in {src}; wrote {count} file(s) to {dst}"
+    if partial:
+        runs = list(unfinished_runs(src))
+        copied = sum(snapshot_run(run, dst / run.relative_to(src), _carries_images(run, src, images)) for run in runs)
+        line += f"; {len(runs)} unfinished run(s), {copied} snapshot(s) taken"
+    return line
+
+
+def restore(src: Path, dst: Path) -> str:
+    files, skipped = [], set()
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if not f.is_file() or any(part.endswith(".part") for part in rel.parts):
+            continue
+        run = run_of(rel)
+        if run is not None and not (src / run / RESULT).exists():  # a carried unfinished run: all or nothing
+            if run in skipped or (dst / run / PROGRESS).exists() or (dst / run / RESULT).exists():
+                skipped.add(run)
+                continue
+        files.append(f)
+    count = copy_files(files, src, dst, replace=False)
+    unfinished = {run_of(f.relative_to(src)) for f in files if f.name == PROGRESS}
+    return (f"{sum(1 for f in files if f.name == RESULT)} finished run(s) in {src}; wrote {count} file(s) to {dst}"
+            + (f"; {len(unfinished)} unfinished run(s) restored" if unfinished else "")
+            + (f", {len(skipped)} left to the work dir's own progress" if skipped else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("action", choices=("save", "restore"))
@@ -62,19 +180,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("dst", type=Path, help="save: the carried folder; restore: the campaign folder")
     p.add_argument("--images", action="store_true",
                    help="save: also the first seed's sample strips and multi-concept samples (for the report grids)")
+    p.add_argument("--partial", action="store_true",
+                   help="save: also snapshot unfinished runs (progress, logs and the state), so they resume")
     args = p.parse_args(argv)
     if not args.src.is_dir():
         if args.action == "restore":
             print(f"[carry] nothing to restore: {args.src} does not exist")
             return 0
         p.error(f"{args.src} is not a folder; give the campaign folder (the OUT of benchmarks/run_tabletop.sh)")
-    if args.action == "save":
-        files = list(finished_files(args.src, args.images))
-    else:
-        files = sorted(f for f in args.src.rglob("*") if f.is_file() and not f.name.endswith(".part"))
-    count = copy_files(files, args.src, args.dst, replace=args.action == "save")
-    runs = sum(1 for f in files if f.name == "result.json")
-    print(f"[carry] {args.action}: {runs} finished run(s) in {args.src}; wrote {count} file(s) to {args.dst}")
+    line = save(args.src, args.dst, args.images, args.partial) if args.action == "save" else restore(args.src, args.dst)
+    print(f"[carry] {args.action}: {line}")
     return 0
 
 

@@ -5,8 +5,9 @@
 #   OMP_NUM_THREADS=2 nohup bash benchmarks/run_tabletop.sh > bench.log 2>&1 &
 #   SHARDS=2 nohup bash benchmarks/run_tabletop.sh > bench.log 2>&1 &     # the v2 stages as 2 local shards
 # Pick stages with STAGES="tune t6-v2" etc.; MODEL=path runs on another base model than the bundled one.
-# Sessions whose work dirs are lost: CARRY=benchmarks/carried restores the finished runs committed there before
-# the stages and saves every finished run there after each stage (benchmarks/carry.py; commit the folder; keep
+# Sessions whose work dirs are lost: CARRY=benchmarks/carried restores the runs committed there before the
+# stages and saves every finished run there after each stage, and a snapshot of each unfinished one (its
+# progress and state: a long run resumes where it was; benchmarks/carry.py --partial; commit the folder; keep
 # SHARDS the same across sessions, a shard's runs live in its own folder). The tuning grids and token rounds
 # complete in the committed benchmarks/results/tuning/tuning.json are not rerun.
 #
@@ -49,7 +50,7 @@ SHARDS=${SHARDS:-1}
 STAGES=${STAGES:-"tune vera-lr-val t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim dc-term-val ewc-lambda-val"}
 FIVE="lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc"
 CARRY=${CARRY:-}
-carry_save() { [ -z "$CARRY" ] || $PY benchmarks/carry.py save "$OUT" "$CARRY" --images; }
+carry_save() { [ -z "$CARRY" ] || $PY benchmarks/carry.py save "$OUT" "$CARRY" --images --partial; }
 [ -z "$CARRY" ] || $PY benchmarks/carry.py restore "$CARRY" "$OUT"
 trap carry_save EXIT  # also when a stage fails: what finished is kept
 
