@@ -28,6 +28,10 @@
 #            grid's smallest and largest rate, ewc_lambda 10, token_lr 5e-3 (tabletop-6 val, seeds 0-1): each
 #            run differs from an ewc-dc grid run only in the DC term, and from a lora-ewc grid run only in
 #            the Fisher's source (tuning.json has both)
+#   lr-edge-val  the grids' edge: `lora` and `ewc-dc` won at the smallest rate of their grids (3e-4; so did
+#            `dsc-ewc-dc`, within 1 of ewc-dc everywhere); one step below (1e-4) at their other tuned settings,
+#            tabletop-6 val, 2 seeds. A diagnosis beside tuning.json (the defaults stay the grids' winners:
+#            every grid had 3 rates); it says whether the paper's methods trail because the grid stopped.
 # v1 (the committed v1 results; tuned on the views they report, see the README): the other stages.
 #
 # SHARDS=N runs the v2 bench stages as N local workers at once (one thread each, OMP_NUM_THREADS=1): worker K
@@ -47,7 +51,7 @@ MODEL=${MODEL:-tiny}
 # a second worktree, so that commits do not change the code under it, points this at the one you commit from)
 REPO=${REPO:-.}
 SHARDS=${SHARDS:-1}
-STAGES=${STAGES:-"tune vera-lr-val t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim dc-term-val ewc-lambda-val"}
+STAGES=${STAGES:-"tune vera-lr-val t6-v2 t6-vera-v2 t6b-v2 t10-v2 t50-v2 t50-elim dc-term-val ewc-lambda-val lr-edge-val"}
 FIVE="lora,lora-ewc,c-lora,ewc-dc,dsc-ewc-dc"
 CARRY=${CARRY:-}
 carry_save() { [ -z "$CARRY" ] || $PY benchmarks/carry.py save "$OUT" "$CARRY" --images --partial; }
@@ -88,6 +92,8 @@ v2_bench() {
       --methods lora,ewc-dc --sweep lr=0.003,0.01,0.03) ;;
     ewc-lambda-val) NAME=ewc-lambda-val; ARGS=(--sequence tabletop-6 --split val --adapter lora --seeds 2 --eval-every 6
       --methods lora-ewc,ewc-dc --sweep ewc_lambda=0.01,0.1,1) ;;
+    lr-edge-val) NAME=lr-edge-val; ARGS=(--sequence tabletop-6 --split val --adapter lora --seeds 2 --eval-every 6
+      --methods lora,ewc-dc --set lr=0.0001) ;;
     dc-term-val) NAME=dc-term-val; ARGS=(--sequence tabletop-6 --split val --adapter lora --seeds 2 --methods ewc-dc
       --sweep lr=0.0003,0.003 --sweep dc_delta=0 --set ewc_lambda=10 --set token_lr=0.005) ;;
     *) return 1 ;;
@@ -153,7 +159,7 @@ run_stage() {
                    # the old dsc_iters=100 as variants), 6 timed tasks so a k=5 candidate set fills up
       $CS bench-speed --parts training --timed-tasks 6 --label levers --out "${SPEED_OUT:-$REPO/benchmarks/results}" \
         --methods "lora,ewc-dc,ewc-dc[dc_k=5,dc_batch=2],ewc-dc[dc_k=5],ewc-dc[dc_batch=2],dsc-ewc-dc,dsc-ewc-dc[dc_k=5,dc_batch=2,dsc_iters=100]" ;;
-    t6-v2|t6-vera-v2|t6b-v2|t10-v2|t50-v2|vera-lr-val|ewc-lambda-val|dc-term-val)  # one process (SHARDS=1)
+    t6-v2|t6-vera-v2|t6b-v2|t10-v2|t50-v2|vera-lr-val|ewc-lambda-val|dc-term-val|lr-edge-val)  # one process (SHARDS=1)
       v2_bench "$stage"
       $CS bench "${ARGS[@]}" --out "$OUT/$NAME" ;;
     tune)  # the grids, their table (the winners), then the token-rate round at those winners, and the final table
