@@ -85,7 +85,8 @@ v2_bench() {
       --methods lora,lora-ewc,ewc-dc,dsc,dsc-ewc-dc,single-task,joint) ;;
     t6b-v2) NAME=v2-tabletop-6b; ARGS=(--sequence tabletop-6b --split test --adapter lora --seeds 3
       --methods "$FIVE,single-task,joint") ;;
-    t10-v2) NAME=v2-tabletop-10; ARGS=(--sequence tabletop-10 --split test --adapter lora --seeds 3 --methods "$FIVE") ;;
+    t10-v2) NAME=v2-tabletop-10; ARGS=(--sequence tabletop-10 --split test --adapter lora --seeds 3
+      --methods "$FIVE,single-task,joint") ;;
     t50-v2) NAME=v2-tabletop-50; ARGS=(--sequence tabletop-50 --split test --adapter lora --seeds 2 --eval-every 10
       --dc-elimination "${DC_ELIMINATION:-none}" --methods c-lora,ewc-dc) ;;
     vera-lr-val) NAME=vera-lr-val; ARGS=(--sequence tabletop-6 --split val --adapter vera --seeds 2 --eval-every 6
