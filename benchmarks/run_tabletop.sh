@@ -16,7 +16,8 @@
 #            2 seeds (benchmarks/tuning.py; its table goes to benchmarks/results/tuning/)
 #   t6-v2    tabletop-6 test, LoRA, all methods + single-task + joint, 5 seeds
 #   t6-vera-v2, t6b-v2, t10-v2, t50-v2   VeRA (3 seeds), tabletop-6b (independent; never tuned on;
-#            3 seeds), tabletop-10 (3 seeds), tabletop-50 (c-lora, ewc-dc; 2 seeds)
+#            3 seeds), tabletop-10 (3 seeds), tabletop-50 (c-lora, ewc-dc; 2 seeds), each with the
+#            single-task and joint bounds
 #   t50-elim the final DC evaluation of a t50-v2 state, full and by successive elimination, side by side
 #   vera-lr-val  VeRA's shared learning rate on val (its v1 default 1e-2 was chosen on v1's report views):
 #            lora and ewc-dc on VeRA at 3e-3 / 1e-2 / 3e-2, tabletop-6 val, 2 seeds; the rate with the lowest
@@ -88,7 +89,7 @@ v2_bench() {
     t10-v2) NAME=v2-tabletop-10; ARGS=(--sequence tabletop-10 --split test --adapter lora --seeds 3
       --methods "$FIVE,single-task,joint") ;;
     t50-v2) NAME=v2-tabletop-50; ARGS=(--sequence tabletop-50 --split test --adapter lora --seeds 2 --eval-every 10
-      --dc-elimination "${DC_ELIMINATION:-none}" --methods c-lora,ewc-dc) ;;
+      --dc-elimination "${DC_ELIMINATION:-none}" --methods c-lora,ewc-dc,single-task,joint) ;;
     vera-lr-val) NAME=vera-lr-val; ARGS=(--sequence tabletop-6 --split val --adapter vera --seeds 2 --eval-every 6
       --methods lora,ewc-dc --sweep lr=0.003,0.01,0.03) ;;
     ewc-lambda-val) NAME=ewc-lambda-val; ARGS=(--sequence tabletop-6 --split val --adapter lora --seeds 2 --eval-every 6
