@@ -122,8 +122,9 @@ worker() {
       touch "$OUT/$NAME.shards/$k.finished"  # under the lock: exactly one worker finds every shard finished
       ready=1
       for j in $(seq 1 "$SHARDS"); do [ -e "$OUT/$NAME.shards/$j.finished" ] || ready=0; done
-      if [ "$ready" -eq 1 ]; then
-        $CS bench --merge $(for j in $(seq 1 "$SHARDS"); do echo "$OUT/$NAME.shards/$j"; done) --out "$OUT/$NAME"
+      if [ "$ready" -eq 1 ]; then  # a failed merge is reported; this worker goes on to its next stage
+        $CS bench --merge $(for j in $(seq 1 "$SHARDS"); do echo "$OUT/$NAME.shards/$j"; done) --out "$OUT/$NAME" ||
+          echo "merging $stage failed (see above); rerun the stage to merge it" >&2
       fi
       carry_save
     ) 9> "$OUT/.campaign.lock"
@@ -212,7 +213,11 @@ run_stage() {
 segment=()
 flush_segment() {
   [ ${#segment[@]} -gt 0 ] || return 0
-  local pids=() k failed=0
+  local pids=() k failed=0 stage
+  for stage in "${segment[@]}"; do  # markers of an earlier invocation (maybe under other settings) do not count
+    v2_bench "$stage"
+    rm -f "$OUT/$NAME.shards/"*.finished
+  done
   for k in $(seq 1 "$SHARDS"); do
     worker "$k" "${segment[@]}" &
     pids+=($!)
