@@ -68,6 +68,7 @@ def test_restore_fills_a_new_work_dir_and_never_overwrites(carry, tmp_path, caps
 def _state(path: Path, n: int) -> None:
     """A real state of ``n`` concepts (one commit per concept, as a run's tasks make)."""
     import torch
+
     from conceptstream.state import StateStore
 
     store = StateStore(path)
