@@ -109,8 +109,7 @@ v2_bench() {
 worker() {
   local k=$1 stage j ready; shift
   for stage in "$@"; do
-    v2_bench "$stage"
-    rm -f "$OUT/$NAME.shards/$k.finished"
+    v2_bench "$stage"  # its shard markers were cleared when the segment started (flush_segment)
     mkdir -p "$OUT/$NAME.shards"
     if ! OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $CS bench "${ARGS[@]}" --out "$OUT/$NAME.shards/$k" \
         --shard "$k/$SHARDS" > "$OUT/$NAME.shard-$k.log" 2>&1; then
