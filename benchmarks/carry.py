@@ -9,12 +9,13 @@ is rerun. Only scores, generated samples and (``--partial``) learned states trav
 latent or feature of a concept.
 
 With ``--partial`` a run that has not finished is carried too, so a long run (tabletop-50's take hours)
-resumes after the task it had reached instead of restarting: its ``progress.json``, task logs and
-samples, and its state's live generation (``CURRENT`` and the files it names; what ``conceptstream learn``
-wrote: tokens, adapter, method tensors). The snapshot is taken again if the run moved on while it was
-copied, and replaces the carried one whole. ``restore`` brings a carried unfinished run back only into a
-work dir that has no progress of that run; once the run finishes, ``save`` replaces its carried snapshot
-by its ``result.json``.
+resumes after the task it had reached instead of restarting: its ``progress.json``, task logs and samples, its
+state's live generation (``CURRENT`` and the files it names; what ``conceptstream learn`` wrote: tokens,
+adapter, method tensors) and, once all tasks are done, the concepts its final DC classification has classified
+(scalar denoising errors per held-out image and candidate). The snapshot is taken again if the run moved on
+while it was copied, and replaces the carried one whole. ``restore`` brings a carried unfinished run back only
+into a work dir that has no progress of that run; once the run finishes, ``save`` replaces its carried
+snapshot by its ``result.json``.
 
     python benchmarks/carry.py save bench benchmarks/carried [--images] [--partial]
     python benchmarks/carry.py restore benchmarks/carried bench
@@ -33,6 +34,7 @@ from pathlib import Path
 
 IMAGE_SEED = "seed0"  # the report's grids show each variant's first seed
 PROGRESS, RESULT, CURRENT = "progress.json", "result.json", "CURRENT"
+DC_PARTIAL = "dc_partial.safetensors"  # the final DC classification so far (BenchRun.dc_checkpoint)
 
 
 def _merged(bench: Path) -> bool:
@@ -74,21 +76,25 @@ def run_of(rel: Path) -> Path | None:
     return None
 
 
-def _marker(run: Path) -> tuple[bytes | None, str | None]:
-    """What says how far a run has got: its progress file and the state generation ``CURRENT`` names."""
+def _marker(run: Path) -> tuple[bytes | None, str | None, bytes | None]:
+    """What says how far a run has got: its progress file, the state generation ``CURRENT`` names and its
+    final DC classification so far."""
     def read(path: Path) -> bytes | None:
         try:
             return path.read_bytes()
         except FileNotFoundError:
             return None
     current = read(run / "state" / CURRENT)
-    return read(run / PROGRESS), None if current is None else current.decode().strip()
+    return read(run / PROGRESS), None if current is None else current.decode().strip(), read(run / DC_PARTIAL)
 
 
 def snapshot_files(run: Path, samples: bool) -> list[Path]:
-    """What resumes an unfinished run: its progress, task logs, (``samples``) sample strips, and its state's
-    live generation (never the lock, older generations or an in-task checkpoint: the task restarts)."""
+    """What resumes an unfinished run: its progress, task logs, (``samples``) sample strips, its state's
+    live generation (never the lock, older generations or an in-task checkpoint: the task restarts) and the
+    concepts its final DC classification has done (scalar errors per image and candidate)."""
     files = [run / PROGRESS, *sorted((run / "logs").glob("*.json"))]
+    if (run / DC_PARTIAL).is_file():
+        files.append(run / DC_PARTIAL)
     if samples:
         files += sorted((run / "samples").glob("*.png"))
     generation = _marker(run)[1]

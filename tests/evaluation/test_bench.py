@@ -434,6 +434,34 @@ def test_deleted_result_file_recomputes_only_that_run(bench_dir, tiny_model, mon
     assert results["complete"] is True
 
 
+def test_an_interrupted_final_dc_evaluation_resumes_at_its_next_concept(bench_dir, tiny_model, monkeypatch):
+    from conceptstream.scoring.dc import DiffusionClassifier
+
+    run = bench_dir / LABEL_DIRS["lora"]
+    before = json.loads((run / "result.json").read_text())["dc"]
+    (run / "result.json").unlink()
+    real, calls = DiffusionClassifier.eval_errors_batched, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        if fail and len(calls) > 1:
+            raise KeyboardInterrupt  # Ctrl-C in the second concept's classification
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionClassifier, "eval_errors_batched", counted)
+    fail = True
+    with pytest.raises(KeyboardInterrupt):
+        _bench(bench_dir, tiny_model)
+    assert (run / "dc_partial.safetensors").is_file() and not (run / "result.json").exists()
+    fail, calls[:] = False, []
+    _bench(bench_dir, tiny_model)
+    after = json.loads((run / "result.json").read_text())
+    n = len(before["per_concept"])
+    assert len(calls) == n - 1 and after["dc"]["resumed"]["concepts"] == 1
+    assert after["dc"]["accuracy"] == before["accuracy"] and after["dc"]["confusion"] == before["confusion"]
+    assert not (run / "dc_partial.safetensors").exists()  # result.json holds it now
+
+
 def test_rerun_with_other_settings_is_refused(bench_dir, tiny_model):
     before = _mtimes(bench_dir)
     with pytest.raises(StateError, match="steps"):

@@ -117,6 +117,10 @@ def test_an_unfinished_run_travels_with_its_state_and_resumes_in_a_new_work_dir(
     assert not list((kept / "v2-t50.shards/1/runs/ewc-dc-lora/seed1").glob("samples"))  # only the first seed's
     assert carry.main(["save", str(out), str(kept), "--partial"]) == 0
     assert "0 snapshot(s) taken" in capsys.readouterr().out  # nothing moved: nothing copied
+    (out / rel / "dc_partial.safetensors").write_bytes(b"concept 0 classified")  # the final DC evaluation began
+    assert carry.main(["save", str(out), str(kept), "--partial"]) == 0
+    assert "1 snapshot(s) taken" in capsys.readouterr().out
+    assert (kept / rel / "dc_partial.safetensors").read_bytes() == b"concept 0 classified"
 
     # a new work dir gets the run back whole; the state opens at the task it had reached
     assert carry.main(["restore", str(kept), str(fresh)]) == 0
@@ -125,6 +129,7 @@ def test_an_unfinished_run_travels_with_its_state_and_resumes_in_a_new_work_dir(
     assert [c["token"] for c in store.read_manifest()["concepts"]] == ["<c0>", "<c1>", "<c2>"]
     assert float(store.load_tensors("adapter")["w"][0, 0]) == 3.0
     assert json.loads((fresh / rel / "progress.json").read_text()) == {"tasks": [0, 1, 2]}
+    assert (fresh / rel / "dc_partial.safetensors").read_bytes() == b"concept 0 classified"
 
     # a work dir with its own progress of the run keeps it, and gets none of the carried files
     own = tmp_path / "own"

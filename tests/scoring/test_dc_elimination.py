@@ -306,3 +306,45 @@ def test_dc_classification_by_elimination(stream_and_concepts):
     assert pruned["unet_evaluations"] == 8 * (5 * 1 + 2 * 3) < pruned["unet_evaluations_full"] == 8 * 5 * 4
     assert pruned["calibration"]["kind"].startswith("final-stage survivors")
     assert 0.0 <= pruned["accuracy"] <= 1.0 and sum(map(sum, pruned["confusion"])) == 8
+
+
+@pytest.mark.parametrize("elimination", [None, ((1, 2),)])
+def test_dc_classification_resumes_from_its_checkpoint(stream_and_concepts, tmp_path, monkeypatch, elimination):
+    """Interrupted after the first concept, a rerun with the same checkpoint classifies only the other two and
+    gives the uninterrupted result; a checkpoint of another classification (key) is not taken over."""
+    stream, concepts = stream_and_concepts
+    kwargs = dict(eval_timesteps=2, batch_size=4, elimination=elimination)
+    whole = dc_classification(stream, concepts, True, **kwargs)
+    assert whole["resumed"] is None
+    name = "eval_errors_batched" if elimination is None else "eval_errors_eliminating"
+    real, calls = getattr(DiffusionClassifier, name), []
+
+    def counted(self, latents, *args, **kw):
+        calls.append(latents.shape[0])
+        if fail_after is not None and len(calls) > fail_after:
+            raise KeyboardInterrupt  # Ctrl-C during the second concept
+        return real(self, latents, *args, **kw)
+
+    monkeypatch.setattr(DiffusionClassifier, name, counted)
+    ckpt = tmp_path / "dc.safetensors"
+    fail_after = 1
+    with pytest.raises(KeyboardInterrupt):
+        dc_classification(stream, concepts, True, checkpoint=ckpt, key="gen-1", **kwargs)
+    assert ckpt.is_file()
+    fail_after, calls[:] = None, []
+    resumed = dc_classification(stream, concepts, True, checkpoint=ckpt, key="gen-1", **kwargs)
+    assert calls == [2, 3]  # concepts 1 and 2 only (2 and 3 held-out images)
+    assert resumed["resumed"]["concepts"] == 1 and resumed["resumed"]["seconds"] > 0
+    for key in ("accuracy", "per_concept", "confusion", "images", "unet_evaluations"):
+        assert resumed[key] == whole[key]
+    for key in ("accuracy", "per_concept", "confusion"):
+        assert resumed["own_class"][key] == whole["own_class"][key]
+    assert resumed["calibration"]["nll"] == pytest.approx(whole["calibration"]["nll"], rel=1e-6)
+    calls[:] = []  # the file now holds all three concepts, of state "gen-1" only
+    other = dc_classification(stream, concepts, True, checkpoint=ckpt, key="gen-2", **kwargs)
+    assert calls == [3, 2, 3] and other["resumed"] is None
+    ckpt.write_bytes(b"not a safetensors file")  # damaged: classified from the start, and replaced
+    calls[:] = []
+    assert dc_classification(stream, concepts, True, checkpoint=ckpt, key="gen-2", **kwargs)["accuracy"] == \
+        whole["accuracy"]
+    assert calls == [3, 2, 3]

@@ -61,6 +61,7 @@ class BenchRun:
         self.state = self.dir / "state"
         self.progress_path = self.dir / "progress.json"
         self.result_path = self.dir / "result.json"
+        self.dc_checkpoint = self.dir / "dc_partial.safetensors"  # the final DC classification so far; see finish
         self.prefix = self.name
 
     @property
@@ -275,7 +276,7 @@ class BenchRun:
 
         t0 = time.time()
         dc, multi = self._final_evaluation(include_noun)
-        final_seconds = time.time() - t0
+        final_seconds = time.time() - t0 + (dc.get("resumed") or {}).get("seconds", 0)
         tasks = progress["tasks"]
         matrices = self._matrices(tasks)
         result = clean_json({
@@ -296,15 +297,18 @@ class BenchRun:
             "memory": memory_usage(),
         })
         write_json_atomic(self.result_path, result)
+        self.dc_checkpoint.unlink(missing_ok=True)
         return result
 
     def _final_evaluation(self, include_noun: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The DC classification of the held-out images and the multi-concept samples of the final model."""
         from conceptstream import api
+        from conceptstream.state import StateStore
 
         s = self.ctx.settings
         stream = api.open_stream(self.state, model=s.model, device=s.device)
-        dc = self.ctx.evaluator.dc_accuracy(stream, include_noun)
+        dc = self.ctx.evaluator.dc_accuracy(stream, include_noun, checkpoint=self.dc_checkpoint,
+                                            key=StateStore(self.state).generation())
         return dc, self._multi_samples(stream, include_noun)
 
     def _matrices(self, tasks: list[dict[str, Any]]) -> dict[str, Any]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from conceptstream.evaluation.bench.data import BenchData
@@ -76,15 +79,18 @@ class Evaluator:
             scores["T2I"] = None
         return scores, first
 
-    def dc_accuracy(self, stream, include_noun: bool) -> dict[str, Any]:
+    def dc_accuracy(self, stream, include_noun: bool, checkpoint: Path | None = None, key: str = ""
+                    ) -> dict[str, Any]:
         """DC classification of every concept's real held-out images of the bench's split
         (:func:`dc_classification`): among the fixed candidate set (``accuracy``) and among c_0 + all learned
-        concepts (``own_class``); by successive elimination when ``--dc-elimination`` is given."""
+        concepts (``own_class``); by successive elimination when ``--dc-elimination`` is given; resumable
+        through ``checkpoint`` (``key`` names the state classified)."""
         from conceptstream.scoring.dc import parse_elimination
 
         return dc_classification(stream, self.data.concepts, include_noun, self.s.dc_eval_timesteps,
                                  self.s.dc_batch_size, progress=self.s.progress,
-                                 elimination=parse_elimination(self.s.dc_elimination), split=self.data.split)
+                                 elimination=parse_elimination(self.s.dc_elimination), split=self.data.split,
+                                 checkpoint=checkpoint, key=key)
 
 
 FIXED_CANDIDATES = ("every concept's prompt + the class prompt `a photo of a NOUN` of every distinct noun, the same "
@@ -171,8 +177,8 @@ def dc_scores(errors: Sequence, candidates: DCCandidates, temperature: float,
 
 
 def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_timesteps: int,
-                      batch_size: int, progress: bool = False, elimination=None, split: str = "test"
-                      ) -> dict[str, Any]:
+                      batch_size: int, progress: bool = False, elimination=None, split: str = "test",
+                      checkpoint: Path | None = None, key: str = "") -> dict[str, Any]:
     """Classify each concept's held-out images with ``stream``'s DC, averaging ``eval_timesteps`` draws per
     image, among the fixed candidate set (:class:`DCCandidates`: every concept + the class prompt of every
     noun; the headline ``accuracy``) and, from the same errors, among c_0 of the image's own class + every
@@ -185,7 +191,15 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
     ``n_1`` draws, the best ``keep_1`` per image rescored up to ``n_2`` draws, ..., the last survivors at
     all ``eval_timesteps``. Its calibration is then that of the posterior over the last stage's survivors
     (``calibration["kind"]``): a pruned own concept has probability 0, so NLL is infinite (null) and no
-    temperature is fitted. ``unet_evaluations`` counts the (image, candidate, draw) triples scored."""
+    temperature is fitted. ``unet_evaluations`` counts the (image, candidate, draw) triples scored.
+
+    ``checkpoint`` (a ``.safetensors`` path) makes it resumable concept by concept: after each concept its
+    error rows (scalar denoising errors per image and candidate; no image, latent or feature) are saved
+    there atomically, and a later call with the same classification (``key``, e.g. the state's generation,
+    candidates, split, draws, schedule, batch) skips the concepts it holds; one made otherwise is ignored and
+    replaced. The result then equals an uninterrupted one (every concept draws its noise from seed 0) and
+    says so in ``resumed`` (concepts taken over, and the seconds they had cost). The caller deletes the file
+    when done with it."""
     import torch
     from tqdm.auto import tqdm
 
@@ -199,21 +213,29 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
     candidates = DCCandidates.of(concepts, include_noun)
     with torch.no_grad():  # hidden states [K, L, D]; SDXL: with pooled embeds and time ids
         cond = stream.encode_prompts(list(candidates.prompts))
-    errors, draws, counts, evaluations = [], [], [], 0
+    ident = json.dumps({"key": key, "prompts": candidates.prompts, "images": [
+        [Path(p).name for p in c.heldout_images(split)] for c in concepts], "split": split, "dc": asdict(cfg),
+        "schedule": schedule, "batch_size": batch_size}, sort_keys=True, default=list)
+    saved = _DCCheckpoint.load(checkpoint, ident) if checkpoint is not None else _DCCheckpoint(ident)
+    resumed = (len(saved.counts), saved.seconds) if saved.counts else None
+    t0 = time.time()
     # one bar step per concept: on tabletop-50 this is 600 images x 60 candidates, minutes of silence otherwise
-    for c in tqdm(concepts, desc="DC classification", disable=not progress, leave=False):
+    for i, c in enumerate(tqdm(concepts, desc="DC classification", disable=not progress, leave=False)):
+        if i < len(saved.counts):
+            continue  # classified before an interruption
         images = c.heldout_images(split)  # "test": eval/, "val": val/
-        counts.append(len(images))
         latents, _ = stream.encode_images(load_images(images, stream.resolution))
         latents = latents.to(stream.device)
         if schedule is None:
-            errors.append(dc.eval_errors_batched(latents, cond, seed=0, batch_size=batch_size).cpu())
-            evaluations += latents.shape[0] * len(candidates.prompts) * eval_timesteps
+            found_errors, found_draws = dc.eval_errors_batched(latents, cond, seed=0, batch_size=batch_size), None
+            done = latents.shape[0] * len(candidates.prompts) * eval_timesteps
         else:
             found = dc.eval_errors_eliminating(latents, cond, schedule, seed=0, batch_size=batch_size)
-            errors.append(found.errors.cpu())
-            draws.append(found.draws.cpu())
-            evaluations += found.unet_evaluations
+            found_errors, found_draws, done = found.errors, found.draws, found.unet_evaluations
+        saved.add(found_errors.cpu(), None if found_draws is None else found_draws.cpu(), len(images), done)
+        if checkpoint is not None:
+            saved.save(checkpoint, extra_seconds=time.time() - t0)
+    errors, draws, counts, evaluations = saved.errors, saved.draws, saved.counts, sum(saved.evaluations)
     out = dc_scores(errors, candidates, cfg.temperature, draws if schedule is not None else None)
     kind = ("all candidates" if schedule is None else
             "final-stage survivors: softmax over the set's candidates scored at the most draws (the last "
@@ -222,7 +244,57 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
     full = sum(counts) * len(candidates.prompts) * eval_timesteps
     return {**out, "images": counts, "eval_timesteps": eval_timesteps, "dc": asdict(cfg),
             "elimination": None if schedule is None else [list(stage) for stage in schedule],
-            "unet_evaluations": evaluations, "unet_evaluations_full": full}
+            "unet_evaluations": evaluations, "unet_evaluations_full": full,
+            "resumed": None if resumed is None else {"concepts": resumed[0], "seconds": round(resumed[1], 3)}}
+
+
+@dataclass
+class _DCCheckpoint:
+    """The concepts a resumable :func:`dc_classification` has classified so far: per concept its error rows
+    (and, by elimination, draw counts), its image count and its UNet evaluations; ``ident`` says which
+    classification they belong to, ``seconds`` what they cost (summed over interrupted calls)."""
+
+    ident: str
+    errors: list = field(default_factory=list)
+    draws: list = field(default_factory=list)
+    counts: list = field(default_factory=list)
+    evaluations: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, errors, draws, count: int, evaluations: int) -> None:
+        self.errors.append(errors)
+        if draws is not None:
+            self.draws.append(draws)
+        self.counts.append(count)
+        self.evaluations.append(evaluations)
+
+    def save(self, path: Path, extra_seconds: float) -> None:
+        from conceptstream.safeio import save_tensors_atomic
+
+        tensors = {f"errors.{i}": e for i, e in enumerate(self.errors)}
+        tensors.update({f"draws.{i}": d for i, d in enumerate(self.draws)})
+        save_tensors_atomic(tensors, path, metadata={
+            "ident": self.ident, "counts": json.dumps(self.counts), "evaluations": json.dumps(self.evaluations),
+            "seconds": repr(self.seconds + extra_seconds)})
+
+    @classmethod
+    def load(cls, path: Path, ident: str) -> _DCCheckpoint:
+        """What ``path`` holds for classification ``ident``; empty when it is absent, unreadable or another's."""
+        from conceptstream.safeio import load_tensors_with_metadata
+
+        if not path.is_file():
+            return cls(ident)
+        try:
+            tensors, meta = load_tensors_with_metadata(path)
+            if meta.get("ident") != ident:
+                return cls(ident)
+            counts, evaluations = json.loads(meta["counts"]), json.loads(meta["evaluations"])
+            n = len(counts)
+            return cls(ident, [tensors[f"errors.{i}"] for i in range(n)],
+                       [tensors[f"draws.{i}"] for i in range(n) if f"draws.{i}" in tensors], counts, evaluations,
+                       float(meta["seconds"]))
+        except Exception:  # damaged (atomic writes make that rare): classify from the start, replacing it
+            return cls(ident)
 
 
 def hstack(images: Sequence) -> Any:
