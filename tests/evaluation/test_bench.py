@@ -607,6 +607,21 @@ def test_split_val_scores_the_val_views_and_elimination_is_recorded(tmp_path, ti
     assert run["dc"]["elimination"] is not None and run["config"]["dc_elimination"] == "1:2"
     assert doc["settings"]["split"] == "val" and doc["settings"]["dc_eval"]["elimination"] == "1:2"
     assert [c["val_images"] for c in doc["settings"]["concepts"]] == [2, 2]
+
+    # benchmarks/dc_elimination.py on that run's state: the schedule is chosen on val, reported on test
+    from conftest import benchmark_script
+
+    out = tmp_path / "elim.json"
+    elim = benchmark_script("dc_elimination").main([
+        "--state", str(tmp_path / "out" / "runs" / "lora-lora" / "seed0" / "state"), "--data", str(tmp_path / "seq"),
+        "--draws", "2", "--schedule", "1:1", "--schedule", "1:3", "--choose-on", "val", "--out", str(out)])
+    choice = elim["choice"]
+    assert choice["split"] == "val" and choice["full"]["images"] == 4 and elim["full"]["images"] == 6
+    assert [r["schedule"] for r in choice["schedules"]] == [[[1, 1]], [[1, 3]]]
+    assert choice["chosen"] in ([[1, 1]], [[1, 3]]) and elim["elimination"]["schedule"] == choice["chosen"]
+    assert elim["other_schedules"] == [] and elim["split"] == "test"
+    assert elim["full"]["unet_evaluations"] == 6 * 4 * 2  # 2 concepts + 2 class prompts (2 nouns), 2 draws
+    assert str(tmp_path) not in out.read_text() and elim["state"] == "lora-lora/seed0/state"
     with pytest.raises(UserInputError, match="elimination"):
         run_bench(tmp_path / "bad", sequence=str(tmp_path / "seq"), methods=["lora"], quick=True,
                   model=tiny_model, dc_elimination="2:x", progress=False, log=lambda line: None)

@@ -348,3 +348,18 @@ def test_dc_classification_resumes_from_its_checkpoint(stream_and_concepts, tmp_
     assert dc_classification(stream, concepts, True, checkpoint=ckpt, key="gen-2", **kwargs)["accuracy"] == \
         whole["accuracy"]
     assert calls == [3, 2, 3]
+
+
+def test_the_schedule_rule_of_benchmarks_dc_elimination():
+    from conftest import benchmark_script
+
+    choose = benchmark_script("dc_elimination").choose
+    full = {"accuracy": 0.90}
+    rows = [{"schedule": "a", "accuracy": 0.895, "unet_evaluations": 150},
+            {"schedule": "b", "accuracy": 0.889, "unet_evaluations": 100},  # 0.011 below full: out
+            {"schedule": "c", "accuracy": 0.900, "unet_evaluations": 120}]
+    assert choose(full, rows, 0.01)[0]["schedule"] == "c"  # the cheapest within tolerance
+    chosen, rule = choose(full, rows, 0.001)
+    assert chosen["schedule"] == "c" and rule.startswith("fewest")
+    chosen, rule = choose({"accuracy": 1.0}, rows, 0.01)
+    assert chosen["schedule"] == "c" and rule.startswith("none within")  # none close: the most accurate
