@@ -10,7 +10,9 @@ and own class) and their differences, and the number of UNet (image, candidate, 
 With several ``--schedule``s and ``--choose-on val``, the schedule is chosen on the validation views first
 (full and every schedule there; the rule: the fewest UNet evaluations among the schedules whose accuracy is
 within ``--tolerance`` of the full one, else the most accurate), and only the chosen one is then compared
-with the full evaluation on ``--split`` (test): no choice is made on the views reported.
+with the full evaluation on ``--split`` (test): no choice is made on the views reported. ``--choose-from``
+takes the same choice from a ``benchmarks/dc_draws.py`` simulation on val instead (every schedule's exact
+predictions from one full pass's per-draw errors), so the val views cost one full pass, not one per schedule.
 
     python benchmarks/dc_elimination.py --state BENCH/runs/ewc-dc-lora/seed0/state \
         --data BENCH/data/tabletop-6-6c-train12-eval12 [--draws 8] [--schedule 2:8,4:3 ...] \
@@ -88,13 +90,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split", default="test", choices=("test", "val"), help="the held-out views reported")
     p.add_argument("--choose-on", default=None, choices=("val",),
                    help="choose one of the schedules on these views first, then report only it on --split")
+    p.add_argument("--choose-from", default=None,
+                   help="a `benchmarks/dc_draws.py` JSON (val): choose among its simulated schedules (the rows in the "
+                        "classifier's draw order) by the same rule, with no UNet pass of its own")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="the largest accuracy loss against full a schedule may have to be chosen (default 0.01)")
     p.add_argument("--batch", type=int, default=4, help="images per UNet call (the bench's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write the JSON document here too")
     args = p.parse_args(argv)
-    texts = args.schedule or (list(SCHEDULES) if args.choose_on else ["2:8,4:3"])
+    if args.choose_from and (args.choose_on or args.schedule):
+        p.error("--choose-from takes its schedules from the simulation: give it without --choose-on and --schedule")
+    texts = [] if args.choose_from else args.schedule or (list(SCHEDULES) if args.choose_on else ["2:8,4:3"])
     schedules = [elimination_schedule(parse_elimination(t), args.draws) for t in texts]
 
     stream = open_stream(args.state, device=args.device)
@@ -104,6 +111,19 @@ def main(argv: list[str] | None = None) -> dict:
     dc_classification(stream, concepts[:1], include_noun, 1, args.batch)
     doc = {"state": _where(args.state, 3), "data": _where(args.data, 1), "concepts": [c.token for c in concepts],
            "draws": args.draws, "batch": args.batch, "method": stream.settings.method, "split": args.split}
+    if args.choose_from:
+        sim = json.loads(Path(args.choose_from).read_text())
+        if sim.get("classifier_order") is None or sim["draws"] != args.draws or sim["state"] != doc["state"]:
+            raise SystemExit(f"{args.choose_from}: not a simulation of this state's classifier at {args.draws} "
+                             "draws; rerun benchmarks/dc_draws.py on it")
+        rows = [{**r, "unet_evaluations": r["evaluations_per_image"]} for r in sim["rows"]
+                if r["order"] == sim["classifier_order"]]
+        chosen, rule = choose({"accuracy": sim["full_accuracy"]}, rows, args.tolerance)
+        doc["choice"] = {"split": sim["split"], "from": "benchmarks/dc_draws.py: one full pass's per-draw errors",
+                         "tolerance": args.tolerance, "rule": rule, "full_accuracy": sim["full_accuracy"],
+                         "schedules": rows, "chosen": [list(s) for s in parse_elimination(chosen["schedule"])]}
+        schedules = [elimination_schedule(parse_elimination(chosen["schedule"]), args.draws)]
+        print(f"chosen on {sim['split']} (simulated): {chosen['schedule']} ({rule})", flush=True)
     if args.choose_on:
         full = _classify(stream, concepts, include_noun, args, args.choose_on, None)
         rows = [{**r, **_against(full, r)} for r in
@@ -123,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "threads": torch.get_num_threads(), "command": " ".join(
                     ["python benchmarks/dc_elimination.py --state STATE --data DATA", f"--draws {args.draws}",
                      *(f"--schedule {t}" for t in texts), f"--split {args.split}",
-                     *([f"--choose-on {args.choose_on} --tolerance {args.tolerance}"] if args.choose_on else [])])})
+                     *([f"--choose-on {args.choose_on} --tolerance {args.tolerance}"] if args.choose_on else []),
+                     *([f"--choose-from DC_DRAWS_JSON --tolerance {args.tolerance}"] if args.choose_from else [])])})
     print(f"{args.split}: speed-up x{doc['speedup']:.2f} (UNet evaluations x{doc['evaluations_ratio']:.2f}); "
           f"accuracy difference {doc['accuracy_difference']:+.3f} (own class "
           f"{doc['accuracy_own_class_difference']:+.3f})", flush=True)

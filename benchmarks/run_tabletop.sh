@@ -19,7 +19,8 @@
 #            3 seeds), tabletop-10 (3 seeds), tabletop-50 (c-lora, ewc-dc; 2 seeds), each with the
 #            single-task and joint bounds
 #   t50-elim the final DC evaluation of a t50-v2 state, full and by successive elimination, side by side
-#            (the schedule chosen on val views, then reported on test)
+#            (the schedule chosen on val views, by simulation from one full pass's per-draw errors, then timed
+#            and reported on test)
 #   vera-lr-val  VeRA's shared learning rate on val (its v1 default 1e-2 was chosen on v1's report views):
 #            lora and ewc-dc on VeRA at 3e-3 / 1e-2 / 3e-2, tabletop-6 val, 2 seeds; the rate with the lowest
 #            mean val A_MMD over both methods and seeds becomes VeRA's default. Run it before t6-vera-v2.
@@ -176,12 +177,18 @@ run_stage() {
       done ;;
     t50-elim)  # issue 18 item 7: full vs successive-elimination DC classification, side by side, on the same
                # t50-v2 state (its seed-0 ewc-dc run; the bench keeps each run's final state, in its shard's
-               # folder when the stage ran in shards: a merge copies run folders without their state); the
-               # schedule is chosen on the val views (dc_elimination.py's SCHEDULES), then reported on test
+               # folder when the stage ran in shards: a merge copies run folders without their state). One full
+               # pass on val keeps every draw's errors, from which dc_draws.py simulates every schedule exactly;
+               # the schedule is chosen there (dc_elimination.py --choose-from), then timed against full on test.
+               # dc_draws.py on test records every schedule's test accuracy beside it (not used to choose).
       state=$(ls -d "$OUT"/v2-tabletop-50/runs/ewc-dc-lora/seed0/state "$OUT"/v2-tabletop-50.shards/*/runs/ewc-dc-lora/seed0/state 2>/dev/null | head -1)
-      $PY benchmarks/dc_elimination.py --state "$state" \
-        --data "$(ls -d "$OUT"/v2-tabletop-50/data/tabletop-50-* "$OUT"/v2-tabletop-50.shards/*/data/tabletop-50-* 2>/dev/null | head -1)" \
-        --choose-on val --out "$REPO/benchmarks/results/dc-elimination-tabletop-50.json" ;;
+      data=$(ls -d "$OUT"/v2-tabletop-50/data/tabletop-50-* "$OUT"/v2-tabletop-50.shards/*/data/tabletop-50-* 2>/dev/null | head -1)
+      for split in val test; do
+        $PY benchmarks/dc_draws.py --state "$state" --data "$data" --split $split \
+          --errors "$OUT/dc-draws-$split.safetensors" --out "$REPO/benchmarks/results/dc-draws-tabletop-50-$split.json"
+      done
+      $PY benchmarks/dc_elimination.py --state "$state" --data "$data" \
+        --choose-from "$REPO/benchmarks/results/dc-draws-tabletop-50-val.json" --out "$REPO/benchmarks/results/dc-elimination-tabletop-50.json" ;;
     t6)
       $CS bench --sequence tabletop-6 --adapter lora --seeds 3 --out "$OUT/tabletop-6-lora" \
         --methods lora,lora-ewc,c-lora,ewc-dc,dsc,dsc-ewc,dsc-ewc-dc,custom-diffusion,textual-inversion ;;

@@ -592,7 +592,7 @@ def test_a_bad_method_setting_is_one_line_and_writes_nothing(tmp_path, capsys, a
     assert not out.exists()
 
 
-def test_split_val_scores_the_val_views_and_elimination_is_recorded(tmp_path, tiny_model):
+def test_split_val_scores_the_val_views_and_elimination_is_recorded(tmp_path, tiny_model, monkeypatch):
     """--split val: generated images and the DC classification use val/ (2 views), never eval/ (3 views);
     --dc-elimination runs the final classification by successive elimination and says so."""
     from conceptstream.world.catalogue import get_sequence
@@ -622,6 +622,30 @@ def test_split_val_scores_the_val_views_and_elimination_is_recorded(tmp_path, ti
     assert elim["other_schedules"] == [] and elim["split"] == "test"
     assert elim["full"]["unet_evaluations"] == 6 * 4 * 2  # 2 concepts + 2 class prompts (2 nouns), 2 draws
     assert str(tmp_path) not in out.read_text() and elim["state"] == "lora-lora/seed0/state"
+
+    # or: one full pass on val keeps every draw's errors (resumable: a rerun scores nothing), every schedule is
+    # simulated from them, and dc_elimination.py takes its choice from that table
+    state = str(tmp_path / "out" / "runs" / "lora-lora" / "seed0" / "state")
+    draws_args = ["--state", state, "--data", str(tmp_path / "seq"), "--draws", "2", "--errors",
+                  str(tmp_path / "draws.safetensors"), "--schedule", "1:1", "--schedule", "1:3"]
+    sim = benchmark_script("dc_draws").main([*draws_args, "--out", str(tmp_path / "draws.json")])
+    assert sim["split"] == "val" and sim["images"] == 4 and sim["candidates"] == 4 and len(sim["stratum_accuracy"]) == 2
+    assert [(r["schedule"], r["order"]) for r in sim["rows"]] == [
+        ("1:1", "bit-reversed"), ("1:1", "middle-out"), ("1:3", "bit-reversed"), ("1:3", "middle-out")]
+    assert [r["evaluations_per_image"] for r in sim["rows"]] == [5, 5, 7, 7]  # 4 candidates x 1 draw + survivors
+    assert sim["full_accuracy"] == pytest.approx(choice["full"]["accuracy"])  # the same draws as the full pass
+    from conceptstream.scoring.dc import DiffusionClassifier
+    with monkeypatch.context() as m:  # resumed: every concept's errors are in the file
+        m.setattr(DiffusionClassifier, "errors", lambda *a, **k: pytest.fail("scored again"))
+        assert benchmark_script("dc_draws").main(draws_args)["rows"] == sim["rows"]
+    elim = benchmark_script("dc_elimination").main([
+        "--state", state, "--data", str(tmp_path / "seq"), "--draws", "2", "--choose-from", str(tmp_path / "draws.json")])
+    assert elim["choice"]["from"].startswith("benchmarks/dc_draws.py")
+    assert elim["choice"]["chosen"] in ([[1, 1]], [[1, 3]]) and elim["elimination"]["schedule"] == elim["choice"]["chosen"]
+    assert "--schedule" not in elim["command"] and "--choose-from" in elim["command"]
+    with pytest.raises(SystemExit):  # another draw count than the simulation's
+        benchmark_script("dc_elimination").main([
+            "--state", state, "--data", str(tmp_path / "seq"), "--draws", "4", "--choose-from", str(tmp_path / "draws.json")])
     with pytest.raises(UserInputError, match="elimination"):
         run_bench(tmp_path / "bad", sequence=str(tmp_path / "seq"), methods=["lora"], quick=True,
                   model=tiny_model, dc_elimination="2:x", progress=False, log=lambda line: None)

@@ -117,8 +117,8 @@ def test_schedule_parsing_and_checks():
     for bad in (((4, 8), (2, 3)), ((2, 8), (9, 3)), ((0, 2),), ((2, 0),), ()):
         with pytest.raises(UserInputError):
             elimination_schedule(bad, 8)
-    assert draw_order(8) == [0, 4, 2, 6, 1, 5, 3, 7]
-    assert sorted(draw_order(6)) == list(range(6)) and draw_order(6)[:2] == [0, 4] and draw_order(1) == [0]
+    assert draw_order(8) == [4, 3, 5, 2, 6, 1, 7, 0]  # mid-noise strata first: they tell candidates apart
+    assert draw_order(6) == [3, 2, 4, 1, 5, 0] and draw_order(1) == [0]
 
 
 # ------------------------------------------------------------------ elimination on a stub UNet
@@ -363,3 +363,20 @@ def test_the_schedule_rule_of_benchmarks_dc_elimination():
     assert chosen["schedule"] == "c" and rule.startswith("fewest")
     chosen, rule = choose({"accuracy": 1.0}, rows, 0.01)
     assert chosen["schedule"] == "c" and rule.startswith("none within")  # none close: the most accurate
+
+
+def test_benchmarks_dc_draws_simulates_elimination_from_per_draw_errors(tiny_dc):
+    """`benchmarks/dc_draws.py` predicts, from one full pass's per-draw errors, what the classifier's own
+    successive elimination predicts (same draws, same pruning rule), at the same UNet cost."""
+    from conftest import benchmark_script
+
+    script = benchmark_script("dc_draws")
+    latents, cond = _inputs()
+    per_draw = torch.stack([tiny_dc.errors(latents, cond, t, noise) for t, noise in tiny_dc.eval_draws(latents)])
+    assert torch.equal(per_draw.mean(0).argmin(-1), tiny_dc.eval_errors(latents, cond).argmin(-1))
+    for schedule in (((1, 3),), ((2, 4), (4, 2)), ((1, 1),), ((3, 6),)):
+        found = tiny_dc.eval_errors_eliminating(latents, cond, schedule, batch_size=5)
+        prediction, per_image = script.simulate(per_draw, schedule, draw_order(6))
+        assert torch.equal(prediction, found.prediction), schedule
+        assert per_image * 5 == found.unet_evaluations
+    assert script.bit_reversed(8) == [0, 4, 2, 6, 1, 5, 3, 7]  # the order it compares with

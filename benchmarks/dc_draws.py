@@ -1,0 +1,165 @@
+"""Which successive-elimination schedule, and which draw order, keeps the full DC accuracy? Answered from
+one full pass.
+
+The full DC evaluation scores every held-out image against every candidate at ``eval_timesteps``
+stratified draws; successive elimination (``DiffusionClassifier.eval_errors_eliminating``) scores the same
+draws, fewer of them for the candidates it prunes. So the per-draw errors of one full pass ([draws, images,
+candidates]) give every schedule's and every draw order's predictions without another UNet call: this
+script computes them once per split (saved to ``--errors``, resumable per concept: scalar denoising errors,
+no image, latent or feature), then prints the accuracy of each single draw (stratum) and of every
+schedule x order, with its UNet evaluations per image, and writes the table as JSON.
+
+    python benchmarks/dc_draws.py --state BENCH/runs/ewc-dc-lora/seed0/state --data BENCH/data/tabletop-50-... \
+        --split val --errors per-draw-val.safetensors --out dc-draws-val.json
+
+Orders: ``middle-out`` (``scoring.dc.draw_order``, the classifier's: strata 4, 3, 5, 2, 6, 1, 7, 0 for 8 draws)
+and ``bit-reversed`` (0, 4, 2, 6, 1, 5, 3, 7: its order before, the least-noise stratum first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+SCHEDULES = ("1:8,4:3", "1:12,4:4", "1:16,4:4", "2:4,4:2", "2:4,5:2", "2:5,4:2", "2:6,4:3", "2:8,4:3", "2:6",
+             "2:8", "3:5,5:2", "3:8,5:3", "3:4", "4:3")
+
+
+def bit_reversed(n: int) -> list[int]:
+    """Strata by their bit-reversed index (n=8: 0, 4, 2, 6, 1, 5, 3, 7): the least-noise stratum first."""
+    bits = max(1, (n - 1).bit_length())
+    return sorted(range(n), key=lambda j: int(format(j, f"0{bits}b")[::-1], 2))
+
+
+def _tail(path) -> str:
+    """The last three parts of ``path``: which run, without the machine's folders."""
+    return Path(*Path(path).resolve().parts[-3:]).as_posix()
+
+
+def _ident(key: str, split: str, cfg, batch: int, candidates, concepts) -> str:
+    """What a per-draw errors file holds: whose errors (``key``: the state), of which images and candidates."""
+    return json.dumps({"key": key, "split": split, "dc": asdict(cfg), "batch": batch, "prompts": candidates.prompts,
+                       "images": [[Path(f).name for f in c.heldout_images(split)] for c in concepts]}, sort_keys=True)
+
+
+def per_draw_errors(stream, concepts, include_noun: bool, draws: int, batch: int, split: str,
+                    path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[draws, images, candidates] errors of the full evaluation (its seeds and image chunks, so the same
+    draws as ``dc_classification``) and each image's concept index; resumes from ``path`` per concept when
+    it holds the same classification (``key``: which state; split, candidates, images, draws, batch)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from conceptstream.concepts.images import load_images
+    from conceptstream.evaluation.bench.scoring import DCCandidates
+    from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
+
+    cfg = DCConfig(**{**asdict(stream.settings.dc), "eval_timesteps": draws})
+    dc = DiffusionClassifier(stream.pipe.unet, stream.pipe.scheduler, cfg)
+    candidates = DCCandidates.of(concepts, include_noun)
+    with torch.no_grad():
+        cond = stream.encode_prompts(list(candidates.prompts))
+    ident = _ident(key, split, cfg, batch, candidates, concepts)
+    saved = {}
+    if path.exists():
+        with safe_open(str(path), "pt") as f:
+            same = (f.metadata() or {}).get("ident") == ident
+        saved = load_file(str(path)) if same else {}  # another classification's errors: start afresh
+    for i, c in enumerate(tqdm(concepts, desc=f"per-draw errors ({split})", leave=False)):
+        if f"c{i}" in saved:
+            continue
+        latents, _ = stream.encode_images(load_images(c.heldout_images(split), stream.resolution))
+        latents = latents.to(stream.device)
+        rows = torch.empty(draws, latents.shape[0], len(candidates.prompts))
+        with torch.no_grad():
+            for s in range(0, latents.shape[0], batch):  # eval_errors_batched's chunks and seeds
+                chunk = latents[s : s + batch]
+                for j, (t, noise) in enumerate(dc.eval_draws(chunk, seed=s)):
+                    rows[j, s : s + chunk.shape[0]] = dc.errors(chunk, cond, t, noise).cpu()
+        saved[f"c{i}"] = rows.contiguous()
+        tmp = path.with_suffix(".tmp")
+        save_file(saved, str(tmp), metadata={"ident": ident})
+        tmp.replace(path)
+    per_draw = torch.cat([saved[f"c{i}"] for i in range(len(concepts))], dim=1)
+    truth = torch.cat([torch.full((saved[f"c{i}"].shape[1],), i) for i in range(len(concepts))])
+    return per_draw, truth
+
+
+def simulate(per_draw: torch.Tensor, schedule, order: list[int]) -> tuple[torch.Tensor, int]:
+    """Predictions [images] of successive elimination over these per-draw errors (the rule of
+    ``DiffusionClassifier._eliminate``: after ``n`` draws of ``order`` each image keeps its ``keep`` candidates
+    of lowest mean error; the last survivors get every draw) and its UNet evaluations per image."""
+    n, b, k_all = per_draw.shape
+    alive = torch.arange(k_all).expand(b, k_all)
+    evaluations, done = 0, 0
+    for upto, keep in (*schedule, (n, None)):
+        evaluations += alive.shape[1] * (upto - done)
+        done = upto
+        if keep is not None and keep < alive.shape[1]:
+            mean = per_draw[order[:upto]].mean(0).gather(1, alive)
+            alive = alive.gather(1, mean.argsort(dim=1, stable=True)[:, :keep])
+    final = per_draw.mean(0).gather(1, alive)
+    return alive.gather(1, final.argmin(1, keepdim=True))[:, 0], evaluations
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from conceptstream.api import open_stream
+    from conceptstream.concepts.folder import read_sequence
+    from conceptstream.scoring.dc import draw_order, elimination_schedule, parse_elimination
+    from conceptstream.state.store import StateStore
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--state", required=True, help="a learned stream (e.g. a bench run's state folder)")
+    p.add_argument("--data", required=True, help="the sequence folder it learned")
+    p.add_argument("--split", default="val", choices=("test", "val"), help="the held-out views scored")
+    p.add_argument("--draws", type=int, default=8, help="draws per image of the full evaluation")
+    p.add_argument("--batch", type=int, default=4, help="images per UNet call (the bench's default)")
+    p.add_argument("--errors", required=True, help="the per-draw errors file (.safetensors; made, or resumed)")
+    p.add_argument("--schedule", action="append", default=None, help=f"DRAWS:KEEP,... (default: {SCHEDULES})")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="write the JSON table here too")
+    args = p.parse_args(argv)
+
+    stream = open_stream(args.state, device=args.device)
+    concepts = read_sequence(args.data)[: len(stream.tokens)]
+    t0 = time.perf_counter()
+    key = f"{_tail(args.state)}@{StateStore(args.state).generation()}"
+    per_draw, truth = per_draw_errors(stream, concepts, stream.method.include_noun, args.draws, args.batch,
+                                      args.split, Path(args.errors), key)
+    k_all = per_draw.shape[2]
+    full = float((per_draw.mean(0).argmin(1) == truth).float().mean())
+    strata = [round(float((per_draw[j].argmin(1) == truth).float().mean()), 4) for j in range(args.draws)]
+    print(f"{args.split}: {per_draw.shape[1]} images x {k_all} candidates x {args.draws} draws "
+          f"({time.perf_counter() - t0:.0f}s); full accuracy {full:.3f}")
+    print("one draw alone, stratum 0 (least noise) .. last: " + " ".join(f"{a:.3f}" for a in strata))
+    orders = {"bit-reversed": bit_reversed(args.draws), "middle-out": draw_order(args.draws)}
+    rows = []
+    for text in args.schedule or SCHEDULES:
+        schedule = elimination_schedule(parse_elimination(text), args.draws)
+        for name, order in orders.items():
+            pred, evaluations = simulate(per_draw, schedule, order)
+            acc = float((pred == truth).float().mean())
+            rows.append({"schedule": text, "order": name, "accuracy": round(acc, 4),
+                         "accuracy_difference": round(acc - full, 4), "evaluations_per_image": evaluations,
+                         "evaluations_ratio": round(k_all * args.draws / evaluations, 3)})
+            print(f"  {text:>10} {name:>12}: accuracy {acc:.3f} ({acc - full:+.3f})  UNet evaluations per image "
+                  f"{evaluations} (x{k_all * args.draws / evaluations:.2f} fewer)")
+    doc = {"state": _tail(args.state), "split": args.split,
+           "images": per_draw.shape[1], "candidates": k_all, "draws": args.draws,
+           "full_accuracy": round(full, 4), "stratum_accuracy": strata, "orders": orders,
+           "classifier_order": "middle-out", "rows": rows,
+           "command": f"python benchmarks/dc_draws.py --state STATE --data DATA --split {args.split} "
+                      f"--draws {args.draws} --errors FILE"}
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
