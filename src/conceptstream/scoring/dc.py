@@ -325,8 +325,8 @@ def draw_order(n: int) -> list[int]:
     """The order in which successive elimination visits the ``n`` stratified draws: from the middle of the
     timestep range outwards (n=8: 4, 3, 5, 2, 6, 1, 7, 0), so its first, pruning draws are the ones that tell
     candidates apart best. A diffusion classifier discriminates best at mid noise (Li et al. 2023); on
-    tabletop-50's val views (`benchmarks/dc_draws.py`) one draw alone classifies 0.66-0.70 of the images at
-    the middle strata and 0.28 at the least-noise one, which the earlier bit-reversed order (0, 4, 2, 6, ...)
+    tabletop-50's val views (`benchmarks/dc_draws.py`) one draw alone classifies 0.64-0.69 of the images at
+    the middle strata and 0.29 at the least-noise one, which the earlier bit-reversed order (0, 4, 2, 6, ...)
     visited first."""
     mid = n // 2
     return [mid] + [j for step in range(1, n) for j in (mid - step, mid + step) if 0 <= j < n]
