@@ -36,11 +36,6 @@ def bit_reversed(n: int) -> list[int]:
     return sorted(range(n), key=lambda j: int(format(j, f"0{bits}b")[::-1], 2))
 
 
-def _tail(path) -> str:
-    """The last three parts of ``path``: which run, without the machine's folders."""
-    return Path(*Path(path).resolve().parts[-3:]).as_posix()
-
-
 def _ident(key: str, split: str, cfg, batch: int, candidates, concepts) -> str:
     """What a per-draw errors file holds: whose errors (``key``: the state), of which images and candidates."""
     return json.dumps({"key": key, "split": split, "dc": asdict(cfg), "batch": batch, "prompts": candidates.prompts,
@@ -109,6 +104,8 @@ def simulate(per_draw: torch.Tensor, schedule, order: list[int]) -> tuple[torch.
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from dc_elimination import _where  # the same run name dc_elimination.py --choose-from checks against
+
     from conceptstream.api import open_stream
     from conceptstream.concepts.folder import read_sequence
     from conceptstream.scoring.dc import draw_order, elimination_schedule, parse_elimination
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     stream = open_stream(args.state, device=args.device)
     concepts = read_sequence(args.data)[: len(stream.tokens)]
     t0 = time.perf_counter()
-    key = f"{_tail(args.state)}@{StateStore(args.state).generation()}"
+    key = f"{_where(args.state, 3)}@{StateStore(args.state).generation()}"
     per_draw, truth = per_draw_errors(stream, concepts, stream.method.include_noun, args.draws, args.batch,
                                       args.split, Path(args.errors), key)
     k_all = per_draw.shape[2]
@@ -150,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "evaluations_ratio": round(k_all * args.draws / evaluations, 3)})
             print(f"  {text:>10} {name:>12}: accuracy {acc:.3f} ({acc - full:+.3f})  UNet evaluations per image "
                   f"{evaluations} (x{k_all * args.draws / evaluations:.2f} fewer)")
-    doc = {"state": _tail(args.state), "split": args.split,
+    doc = {"state": _where(args.state, 3), "split": args.split,
            "images": per_draw.shape[1], "candidates": k_all, "draws": args.draws,
            "full_accuracy": round(full, 4), "stratum_accuracy": strata, "orders": orders,
            "classifier_order": "middle-out", "rows": rows,
