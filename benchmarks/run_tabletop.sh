@@ -78,6 +78,13 @@ in_shards() {
   fi
 }
 
+# first_of PATH...: the first of the paths that exists (globs that matched nothing stay as they are), or nothing
+first_of() {
+  local p
+  for p in "$@"; do [ -e "$p" ] && { echo "$p"; return 0; }; done
+  return 0
+}
+
 # v2_bench STAGE: sets NAME (its folder under OUT) and ARGS (its bench arguments) for a v2 bench stage;
 # fails for any other stage
 v2_bench() {
@@ -181,8 +188,9 @@ run_stage() {
                # pass on val keeps every draw's errors, from which dc_draws.py simulates every schedule exactly;
                # the schedule is chosen there (dc_elimination.py --choose-from), then timed against full on test.
                # dc_draws.py on test records every schedule's test accuracy beside it (not used to choose).
-      state=$(ls -d "$OUT"/v2-tabletop-50/runs/ewc-dc-lora/seed0/state "$OUT"/v2-tabletop-50.shards/*/runs/ewc-dc-lora/seed0/state 2>/dev/null | head -1)
-      data=$(ls -d "$OUT"/v2-tabletop-50/data/tabletop-50-* "$OUT"/v2-tabletop-50.shards/*/data/tabletop-50-* 2>/dev/null | head -1)
+      state=$(first_of "$OUT"/v2-tabletop-50/runs/ewc-dc-lora/seed0/state "$OUT"/v2-tabletop-50.shards/*/runs/ewc-dc-lora/seed0/state)
+      data=$(first_of "$OUT"/v2-tabletop-50/data/tabletop-50-* "$OUT"/v2-tabletop-50.shards/*/data/tabletop-50-*)
+      [ -n "$state" ] && [ -n "$data" ] || { echo "t50-elim needs t50-v2's seed-0 ewc-dc state and data folder in $OUT: run STAGES=t50-v2 first (with CARRY, it restores them)" >&2; return 1; }
       for split in val test; do
         $PY benchmarks/dc_draws.py --state "$state" --data "$data" --split $split \
           --errors "$OUT/dc-draws-$split.safetensors" --out "$REPO/benchmarks/results/dc-draws-tabletop-50-$split.json"
