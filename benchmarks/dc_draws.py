@@ -5,9 +5,9 @@ The full DC evaluation scores every held-out image against every candidate at ``
 stratified draws; successive elimination (``DiffusionClassifier.eval_errors_eliminating``) scores the same
 draws, fewer of them for the candidates it prunes. So the per-draw errors of one full pass ([draws, images,
 candidates]) give every schedule's and every draw order's predictions without another UNet call: this
-script computes them once per split (saved to ``--errors``, resumable per concept: scalar denoising errors,
-no image, latent or feature), then prints the accuracy of each single draw (stratum) and of every
-schedule x order, with its UNet evaluations per image, and writes the table as JSON.
+script computes them once per split (``dc_classification(..., per_draw=True)``, checkpointed to ``--errors``,
+resumable per concept: scalar denoising errors, no image, latent or feature), then prints the accuracy of
+each single draw (stratum) and of every schedule x order, with its UNet evaluations per image, and writes the table as JSON.
 
     python benchmarks/dc_draws.py --state BENCH/runs/ewc-dc-lora/seed0/state --data BENCH/data/tabletop-50-... \
         --split val --errors per-draw-val.safetensors --out dc-draws-val.json
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,54 +35,18 @@ def bit_reversed(n: int) -> list[int]:
     return sorted(range(n), key=lambda j: int(format(j, f"0{bits}b")[::-1], 2))
 
 
-def _ident(key: str, split: str, cfg, batch: int, candidates, concepts) -> str:
-    """What a per-draw errors file holds: whose errors (``key``: the state), of which images and candidates."""
-    return json.dumps({"key": key, "split": split, "dc": asdict(cfg), "batch": batch, "prompts": candidates.prompts,
-                       "images": [[Path(f).name for f in c.heldout_images(split)] for c in concepts]}, sort_keys=True)
-
-
 def per_draw_errors(stream, concepts, include_noun: bool, draws: int, batch: int, split: str,
                     path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[draws, images, candidates] errors of the full evaluation (its seeds and image chunks, so the same
-    draws as ``dc_classification``) and each image's concept index; resumes from ``path`` per concept when
-    it holds the same classification (``key``: which state; split, candidates, images, draws, batch)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
+    """[draws, images, candidates] errors of the full evaluation (``dc_classification``'s, per draw) and each
+    image's concept index; resumable per concept from ``path`` when it holds the same classification
+    (``key``: which state; split, candidates, images, draws, batch)."""
+    from conceptstream.evaluation.bench.scoring import dc_classification
 
-    from conceptstream.concepts.images import load_images
-    from conceptstream.evaluation.bench.scoring import DCCandidates
-    from conceptstream.scoring.dc import DCConfig, DiffusionClassifier
-
-    cfg = DCConfig(**{**asdict(stream.settings.dc), "eval_timesteps": draws})
-    dc = DiffusionClassifier(stream.pipe.unet, stream.pipe.scheduler, cfg)
-    candidates = DCCandidates.of(concepts, include_noun)
-    with torch.no_grad():
-        cond = stream.encode_prompts(list(candidates.prompts))
-    ident = _ident(key, split, cfg, batch, candidates, concepts)
-    saved = {}
-    if path.exists():
-        with safe_open(str(path), "pt") as f:
-            same = (f.metadata() or {}).get("ident") == ident
-        saved = load_file(str(path)) if same else {}  # another classification's errors: start afresh
-    for i, c in enumerate(tqdm(concepts, desc=f"per-draw errors ({split})", leave=False)):
-        if f"c{i}" in saved:
-            continue
-        latents, _ = stream.encode_images(load_images(c.heldout_images(split), stream.resolution))
-        latents = latents.to(stream.device)
-        rows = torch.empty(draws, latents.shape[0], len(candidates.prompts))
-        with torch.no_grad():
-            for s in range(0, latents.shape[0], batch):  # eval_errors_batched's chunks and seeds
-                chunk = latents[s : s + batch]
-                for j, (t, noise) in enumerate(dc.eval_draws(chunk, seed=s)):
-                    rows[j, s : s + chunk.shape[0]] = dc.errors(chunk, cond, t, noise).cpu()
-        saved[f"c{i}"] = rows.contiguous()
-        tmp = path.with_suffix(".tmp")
-        save_file(saved, str(tmp), metadata={"ident": ident})
-        tmp.replace(path)
-    per_draw = torch.cat([saved[f"c{i}"] for i in range(len(concepts))], dim=1)
-    truth = torch.cat([torch.full((saved[f"c{i}"].shape[1],), i) for i in range(len(concepts))])
-    return per_draw, truth
+    result = dc_classification(stream, concepts, include_noun, draws, batch, progress=True, split=split,
+                               checkpoint=path, key=key, per_draw=True)
+    rows = result["per_draw_errors"]
+    truth = torch.cat([torch.full((r.shape[1],), i) for i, r in enumerate(rows)])
+    return torch.cat(rows, dim=1), truth
 
 
 def simulate(per_draw: torch.Tensor, schedule, order: list[int]) -> tuple[torch.Tensor, int]:

@@ -440,7 +440,7 @@ def test_an_interrupted_final_dc_evaluation_resumes_at_its_next_concept(bench_di
     run = bench_dir / LABEL_DIRS["lora"]
     before = json.loads((run / "result.json").read_text())["dc"]
     (run / "result.json").unlink()
-    real, calls = DiffusionClassifier.eval_errors_batched, []
+    real, calls = DiffusionClassifier.eval_errors_per_draw, []
 
     def counted(self, *args, **kwargs):
         calls.append(1)
@@ -448,7 +448,7 @@ def test_an_interrupted_final_dc_evaluation_resumes_at_its_next_concept(bench_di
             raise KeyboardInterrupt  # Ctrl-C in the second concept's classification
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(DiffusionClassifier, "eval_errors_batched", counted)
+    monkeypatch.setattr(DiffusionClassifier, "eval_errors_per_draw", counted)
     fail = True
     with pytest.raises(KeyboardInterrupt):
         _bench(bench_dir, tiny_model)

@@ -22,6 +22,7 @@ from conceptstream.scoring.dc import (
     draw_order,
     elimination_schedule,
     furthest_argmin,
+    mean_over_draws,
     parse_elimination,
 )
 
@@ -308,6 +309,32 @@ def test_dc_classification_by_elimination(stream_and_concepts):
     assert 0.0 <= pruned["accuracy"] <= 1.0 and sum(map(sum, pruned["confusion"])) == 8
 
 
+def test_per_draw_errors_are_the_full_evaluation_kept_apart(tiny_dc, stream_and_concepts, tmp_path):
+    """Each draw's errors, chunked and seeded as the full evaluation: their mean is eval_errors_batched bit for
+    bit, draw j is the errors at eval_draws' j-th draw, and dc_classification(per_draw=True) returns and
+    checkpoints them beside an unchanged result."""
+    latents, cond = _inputs(n_images=5)
+    per_draw = tiny_dc.eval_errors_per_draw(latents, cond, seed=3, batch_size=2)
+    assert torch.equal(mean_over_draws(per_draw), tiny_dc.eval_errors_batched(latents, cond, seed=3, batch_size=2))
+    t, noise = tiny_dc.eval_draws(latents[2:4], seed=3 + 2)[1]  # chunk 2 (images 2-3) draws from seed 3 + 2
+    assert torch.equal(per_draw[1, 2:4], tiny_dc.errors(latents[2:4], cond, t, noise))
+    nan = per_draw.clone()
+    nan[0, 0, 0] = math.nan
+    assert mean_over_draws(nan)[0, 0].isnan() and not mean_over_draws(nan, scored_only=True)[0, 0].isnan()
+
+    stream, concepts = stream_and_concepts
+    plain = dc_classification(stream, concepts, True, eval_timesteps=2, batch_size=2)
+    ckpt = tmp_path / "dc.safetensors"
+    kept = dc_classification(stream, concepts, True, eval_timesteps=2, batch_size=2, per_draw=True, checkpoint=ckpt)
+    rows = kept.pop("per_draw_errors")
+    assert [tuple(r.shape) for r in rows] == [(2, 3, 5), (2, 2, 5), (2, 3, 5)]  # draws x images x candidates
+    assert kept["accuracy"] == plain["accuracy"] and kept["per_concept"] == plain["per_concept"]
+    again = dc_classification(stream, concepts, True, eval_timesteps=2, batch_size=2, per_draw=True, checkpoint=ckpt)
+    assert again["resumed"]["concepts"] == 3 and all(map(torch.equal, again["per_draw_errors"], rows))
+    with pytest.raises(ValueError, match="full evaluation"):
+        dc_classification(stream, concepts, True, eval_timesteps=2, batch_size=2, per_draw=True, elimination=((1, 2),))
+
+
 @pytest.mark.parametrize("elimination", [None, ((1, 2),)])
 def test_dc_classification_resumes_from_its_checkpoint(stream_and_concepts, tmp_path, monkeypatch, elimination):
     """Interrupted after the first concept, a rerun with the same checkpoint classifies only the other two and
@@ -316,7 +343,7 @@ def test_dc_classification_resumes_from_its_checkpoint(stream_and_concepts, tmp_
     kwargs = dict(eval_timesteps=2, batch_size=4, elimination=elimination)
     whole = dc_classification(stream, concepts, True, **kwargs)
     assert whole["resumed"] is None
-    name = "eval_errors_batched" if elimination is None else "eval_errors_eliminating"
+    name = "eval_errors_per_draw" if elimination is None else "eval_errors_eliminating"
     real, calls = getattr(DiffusionClassifier, name), []
 
     def counted(self, latents, *args, **kw):
@@ -372,8 +399,9 @@ def test_benchmarks_dc_draws_simulates_elimination_from_per_draw_errors(tiny_dc)
 
     script = benchmark_script("dc_draws")
     latents, cond = _inputs()
-    per_draw = torch.stack([tiny_dc.errors(latents, cond, t, noise) for t, noise in tiny_dc.eval_draws(latents)])
-    assert torch.equal(per_draw.mean(0).argmin(-1), tiny_dc.eval_errors(latents, cond).argmin(-1))
+    per_draw = tiny_dc.eval_errors_per_draw(latents, cond, batch_size=5)
+    assert per_draw.shape == (6, 5, 6)  # draws x images x candidates
+    assert torch.equal(mean_over_draws(per_draw), tiny_dc.eval_errors(latents, cond))
     for schedule in (((1, 3),), ((2, 4), (4, 2)), ((1, 1),), ((3, 6),)):
         found = tiny_dc.eval_errors_eliminating(latents, cond, schedule, batch_size=5)
         prediction, per_image = script.simulate(per_draw, schedule, draw_order(6))

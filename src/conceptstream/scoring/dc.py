@@ -168,17 +168,27 @@ class DiffusionClassifier:
     @torch.no_grad()
     def eval_errors(self, latents: torch.Tensor, cond: Cond, seed: int = 0) -> torch.Tensor:
         """Errors averaged over ``eval_timesteps`` stratified timesteps, same draws for every candidate."""
-        total = torch.zeros(latents.shape[0], candidate_count(cond), device=latents.device)
-        for t, noise in self.eval_draws(latents, seed):
-            total += self.errors(latents, cond, t, noise)
-        return total / self.config.eval_timesteps
+        return mean_over_draws(self.eval_errors_per_draw(latents, cond, seed, batch_size=latents.shape[0]))
 
     @torch.no_grad()
     def eval_errors_batched(self, latents: torch.Tensor, cond: Cond, seed: int = 0,
                             batch_size: int = 8) -> torch.Tensor:
         """:meth:`eval_errors` [B, K] for any number of images, ``batch_size`` images per UNet call."""
-        return torch.cat([self.eval_errors(latents[i : i + batch_size], cond, seed + i)
-                          for i in range(0, latents.shape[0], batch_size)])
+        return mean_over_draws(self.eval_errors_per_draw(latents, cond, seed, batch_size))
+
+    @torch.no_grad()
+    def eval_errors_per_draw(self, latents: torch.Tensor, cond: Cond, seed: int = 0,
+                             batch_size: int = 8) -> torch.Tensor:
+        """Each draw's errors [eval_timesteps, B, K] (draw j in the j-th timestep stratum), ``batch_size``
+        images per UNet call; chunk ``i`` (images ``i .. i + batch_size``) draws from ``seed + i``. ``cond`` is
+        ``[K, ...]`` (shared candidates) or ``[B, K, ...]``. Their mean
+        over draws is :meth:`eval_errors_batched`; kept apart, they give every successive-elimination schedule's
+        predictions without another UNet call (``benchmarks/dc_draws.py``)."""
+        parts = []
+        for i in range(0, latents.shape[0], batch_size):
+            chunk, sub = latents[i : i + batch_size], cond if _shared(cond) else cond[i : i + batch_size]
+            parts.append(torch.stack([self.errors(chunk, sub, t, noise) for t, noise in self.eval_draws(chunk, seed + i)]))
+        return torch.cat(parts, dim=1)
 
     @torch.no_grad()
     def eval_errors_eliminating(self, latents: torch.Tensor, cond: Cond, schedule: Schedule, seed: int = 0,
@@ -231,10 +241,10 @@ class DiffusionClassifier:
                 evaluations += d * b * k
             done = upto
             if keep is not None and keep < k:
-                mean = _ordered_mean(per_draw).gather(1, alive)
+                mean = mean_over_draws(per_draw, scored_only=True).gather(1, alive)
                 best = mean.argsort(dim=1, stable=True)[:, :keep].sort(dim=1).values
                 alive = alive.gather(1, best)
-        errors = _ordered_mean(per_draw)
+        errors = mean_over_draws(per_draw, scored_only=True)
         return Elimination(errors, (~per_draw.isnan()).sum(0), evaluations, schedule)
 
     def classify(self, latents: torch.Tensor, cond: Cond, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
@@ -332,13 +342,15 @@ def draw_order(n: int) -> list[int]:
     return [mid] + [j for step in range(1, n) for j in (mid - step, mid + step) if 0 <= j < n]
 
 
-def _ordered_mean(per_draw: torch.Tensor) -> torch.Tensor:
-    """Mean over the first dim of ``per_draw`` [n, B, K] ignoring NaN (not scored), summed in draw order as
-    :meth:`DiffusionClassifier.eval_errors` sums (so all-scored columns match it bit for bit)."""
+def mean_over_draws(per_draw: torch.Tensor, scored_only: bool = False) -> torch.Tensor:
+    """Mean [B, K] over the draws of ``per_draw`` [n, B, K], summed draw by draw in order, so that a full
+    evaluation and an elimination that scored everything agree bit for bit. ``scored_only``: NaN marks an
+    (image, candidate) that a draw did not score (elimination), and the mean is over the scored draws;
+    otherwise a NaN error propagates."""
     total = torch.zeros(per_draw.shape[1:], device=per_draw.device)
     count = torch.zeros(per_draw.shape[1:], device=per_draw.device)
     for e in per_draw:
-        scored = ~e.isnan()
+        scored = ~e.isnan() if scored_only else torch.ones_like(e, dtype=torch.bool)
         total += torch.where(scored, e, torch.zeros_like(e))
         count += scored
     return total / count

@@ -178,7 +178,7 @@ def dc_scores(errors: Sequence, candidates: DCCandidates, temperature: float,
 
 def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_timesteps: int,
                       batch_size: int, progress: bool = False, elimination=None, split: str = "test",
-                      checkpoint: Path | None = None, key: str = "") -> dict[str, Any]:
+                      checkpoint: Path | None = None, key: str = "", per_draw: bool = False) -> dict[str, Any]:
     """Classify each concept's held-out images with ``stream``'s DC, averaging ``eval_timesteps`` draws per
     image, among the fixed candidate set (:class:`DCCandidates`: every concept + the class prompt of every
     noun; the headline ``accuracy``) and, from the same errors, among c_0 of the image's own class + every
@@ -199,23 +199,30 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
     candidates, split, draws, schedule, batch) skips the concepts it holds; one made otherwise is ignored and
     replaced. The result then equals an uninterrupted one (every concept draws its noise from seed 0) and
     says so in ``resumed`` (concepts taken over, and the seconds they had cost). The caller deletes the file
-    when done with it."""
+    when done with it.
+
+    ``per_draw`` (full evaluation only) also returns each draw's errors, ``per_draw_errors``: per concept a
+    tensor [eval_timesteps, images, candidates] (checkpointed with the rest), from which every elimination
+    schedule's predictions follow without another UNet call (``benchmarks/dc_draws.py``). Not JSON: a caller
+    that writes the result takes it out first."""
     import torch
     from tqdm.auto import tqdm
 
     from conceptstream.concepts.images import load_images
-    from conceptstream.scoring.dc import DCConfig, DiffusionClassifier, elimination_schedule
+    from conceptstream.scoring.dc import DCConfig, DiffusionClassifier, elimination_schedule, mean_over_draws
 
     pipe = stream.pipe
     cfg = DCConfig(**{**asdict(stream.settings.dc), "eval_timesteps": eval_timesteps})
     dc = DiffusionClassifier(pipe.unet, pipe.scheduler, cfg)
     schedule = elimination_schedule(elimination, eval_timesteps) if elimination is not None else None
+    if per_draw and schedule is not None:
+        raise ValueError("per_draw needs the full evaluation (elimination=None): elimination skips draws")
     candidates = DCCandidates.of(concepts, include_noun)
     with torch.no_grad():  # hidden states [K, L, D]; SDXL: with pooled embeds and time ids
         cond = stream.encode_prompts(list(candidates.prompts))
     ident = json.dumps({"key": key, "prompts": candidates.prompts, "images": [
         [Path(p).name for p in c.heldout_images(split)] for c in concepts], "split": split, "dc": asdict(cfg),
-        "schedule": schedule, "batch_size": batch_size}, sort_keys=True, default=list)
+        "schedule": schedule, "batch_size": batch_size, "per_draw": per_draw}, sort_keys=True, default=list)
     saved = _DCCheckpoint.load(checkpoint, ident) if checkpoint is not None else _DCCheckpoint(ident)
     resumed = (len(saved.counts), saved.seconds) if saved.counts else None
     t0 = time.time()
@@ -227,12 +234,14 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
         latents, _ = stream.encode_images(load_images(images, stream.resolution))
         latents = latents.to(stream.device)
         if schedule is None:
-            found_errors, found_draws = dc.eval_errors_batched(latents, cond, seed=0, batch_size=batch_size), None
+            rows = dc.eval_errors_per_draw(latents, cond, seed=0, batch_size=batch_size)
+            found_errors, found_draws = mean_over_draws(rows), None
             done = latents.shape[0] * len(candidates.prompts) * eval_timesteps
         else:
             found = dc.eval_errors_eliminating(latents, cond, schedule, seed=0, batch_size=batch_size)
             found_errors, found_draws, done = found.errors, found.draws, found.unet_evaluations
-        saved.add(found_errors.cpu(), None if found_draws is None else found_draws.cpu(), len(images), done)
+        saved.add(found_errors.cpu(), None if found_draws is None else found_draws.cpu(), len(images), done,
+                  rows.cpu() if per_draw else None)
         if checkpoint is not None:
             saved.save(checkpoint, extra_seconds=time.time() - t0)
     errors, draws, counts, evaluations = saved.errors, saved.draws, saved.counts, sum(saved.evaluations)
@@ -245,13 +254,15 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
     return {**out, "images": counts, "eval_timesteps": eval_timesteps, "dc": asdict(cfg),
             "elimination": None if schedule is None else [list(stage) for stage in schedule],
             "unet_evaluations": evaluations, "unet_evaluations_full": full,
-            "resumed": None if resumed is None else {"concepts": resumed[0], "seconds": round(resumed[1], 3)}}
+            "resumed": None if resumed is None else {"concepts": resumed[0], "seconds": round(resumed[1], 3)},
+            **({"per_draw_errors": saved.per_draw} if per_draw else {})}
 
 
 @dataclass
 class _DCCheckpoint:
     """The concepts a resumable :func:`dc_classification` has classified so far: per concept its error rows
-    (and, by elimination, draw counts), its image count and its UNet evaluations; ``ident`` says which
+    (and, by elimination, draw counts; on request, each draw's errors), its image count and its UNet
+    evaluations; ``ident`` says which
     classification they belong to, ``seconds`` what they cost (summed over interrupted calls)."""
 
     ident: str
@@ -260,11 +271,14 @@ class _DCCheckpoint:
     counts: list = field(default_factory=list)
     evaluations: list = field(default_factory=list)
     seconds: float = 0.0
+    per_draw: list = field(default_factory=list)
 
-    def add(self, errors, draws, count: int, evaluations: int) -> None:
+    def add(self, errors, draws, count: int, evaluations: int, per_draw=None) -> None:
         self.errors.append(errors)
         if draws is not None:
             self.draws.append(draws)
+        if per_draw is not None:
+            self.per_draw.append(per_draw)
         self.counts.append(count)
         self.evaluations.append(evaluations)
 
@@ -273,6 +287,7 @@ class _DCCheckpoint:
 
         tensors = {f"errors.{i}": e for i, e in enumerate(self.errors)}
         tensors.update({f"draws.{i}": d for i, d in enumerate(self.draws)})
+        tensors.update({f"per_draw.{i}": d.contiguous() for i, d in enumerate(self.per_draw)})
         save_tensors_atomic(tensors, path, metadata={
             "ident": self.ident, "counts": json.dumps(self.counts), "evaluations": json.dumps(self.evaluations),
             "seconds": repr(self.seconds + extra_seconds)})
@@ -292,7 +307,7 @@ class _DCCheckpoint:
             n = len(counts)
             return cls(ident, [tensors[f"errors.{i}"] for i in range(n)],
                        [tensors[f"draws.{i}"] for i in range(n) if f"draws.{i}" in tensors], counts, evaluations,
-                       float(meta["seconds"]))
+                       float(meta["seconds"]), [tensors[f"per_draw.{i}"] for i in range(n) if f"per_draw.{i}" in tensors])
         except Exception:  # damaged (atomic writes make that rare): classify from the start, replacing it
             return cls(ident)
 
