@@ -7,7 +7,8 @@ draws, fewer of them for the candidates it prunes. So the per-draw errors of one
 candidates]) give every schedule's and every draw order's predictions without another UNet call: this
 script computes them once per split (``dc_classification(..., per_draw=True)``, checkpointed to ``--errors``,
 resumable per concept: scalar denoising errors, no image, latent or feature), then prints the accuracy of
-each single draw (stratum) and of every schedule x order, with its UNet evaluations per image, and writes the table as JSON.
+each single draw (stratum) and of every schedule x order, with its UNet evaluations per image, and writes the
+table as JSON.
 
     python benchmarks/dc_draws.py --state BENCH/runs/ewc-dc-lora/seed0/state --data BENCH/data/tabletop-50-... \
         --split val --errors per-draw-val.safetensors --out dc-draws-val.json

@@ -262,8 +262,8 @@ def dc_classification(stream, concepts: Sequence, include_noun: bool, eval_times
 class _DCCheckpoint:
     """The concepts a resumable :func:`dc_classification` has classified so far: per concept its error rows
     (and, by elimination, draw counts; on request, each draw's errors), its image count and its UNet
-    evaluations; ``ident`` says which
-    classification they belong to, ``seconds`` what they cost (summed over interrupted calls)."""
+    evaluations; ``ident`` says which classification they belong to, ``seconds`` what they cost (summed over
+    interrupted calls)."""
 
     ident: str
     errors: list = field(default_factory=list)
