@@ -51,9 +51,12 @@ def per_draw_errors(stream, concepts, include_noun: bool, draws: int, batch: int
 
 
 def simulate(per_draw: torch.Tensor, schedule, order: list[int]) -> tuple[torch.Tensor, int]:
-    """Predictions [images] of successive elimination over these per-draw errors (the rule of
-    ``DiffusionClassifier._eliminate``: after ``n`` draws of ``order`` each image keeps its ``keep`` candidates
-    of lowest mean error; the last survivors get every draw) and its UNet evaluations per image."""
+    """Predictions [images] of successive elimination over these per-draw errors (``DiffusionClassifier._eliminate``'s
+    pruning, ``keep_best``, and its means, summed in stratum order: after ``n`` draws of ``order`` each image keeps
+    its ``keep`` candidates of lowest mean error; the last survivors get every draw) and its UNet evaluations per
+    image."""
+    from conceptstream.scoring.dc import keep_best, mean_over_draws
+
     n, b, k_all = per_draw.shape
     alive = torch.arange(k_all).expand(b, k_all)
     evaluations, done = 0, 0
@@ -61,9 +64,8 @@ def simulate(per_draw: torch.Tensor, schedule, order: list[int]) -> tuple[torch.
         evaluations += alive.shape[1] * (upto - done)
         done = upto
         if keep is not None and keep < alive.shape[1]:
-            mean = per_draw[order[:upto]].mean(0).gather(1, alive)
-            alive = alive.gather(1, mean.argsort(dim=1, stable=True)[:, :keep])
-    final = per_draw.mean(0).gather(1, alive)
+            alive = keep_best(mean_over_draws(per_draw[sorted(order[:upto])]), alive, keep)
+    final = mean_over_draws(per_draw).gather(1, alive)
     return alive.gather(1, final.argmin(1, keepdim=True))[:, 0], evaluations
 
 
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from conceptstream.api import open_stream
     from conceptstream.concepts.folder import read_sequence
-    from conceptstream.scoring.dc import draw_order, elimination_schedule, parse_elimination
+    from conceptstream.scoring.dc import draw_order, elimination_schedule, mean_over_draws, parse_elimination
     from conceptstream.state.store import StateStore
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_draw, truth = per_draw_errors(stream, concepts, stream.method.include_noun, args.draws, args.batch,
                                       args.split, Path(args.errors), key)
     k_all = per_draw.shape[2]
-    full = float((per_draw.mean(0).argmin(1) == truth).float().mean())
+    full = float((mean_over_draws(per_draw).argmin(1) == truth).float().mean())
     strata = [round(float((per_draw[j].argmin(1) == truth).float().mean()), 4) for j in range(args.draws)]
     print(f"{args.split}: {per_draw.shape[1]} images x {k_all} candidates x {args.draws} draws "
           f"({time.perf_counter() - t0:.0f}s); full accuracy {full:.3f}")

@@ -241,9 +241,7 @@ class DiffusionClassifier:
                 evaluations += d * b * k
             done = upto
             if keep is not None and keep < k:
-                mean = mean_over_draws(per_draw, scored_only=True).gather(1, alive)
-                best = mean.argsort(dim=1, stable=True)[:, :keep].sort(dim=1).values
-                alive = alive.gather(1, best)
+                alive = keep_best(mean_over_draws(per_draw, scored_only=True), alive, keep)
         errors = mean_over_draws(per_draw, scored_only=True)
         return Elimination(errors, (~per_draw.isnan()).sum(0), evaluations, schedule)
 
@@ -340,6 +338,13 @@ def draw_order(n: int) -> list[int]:
     visited first."""
     mid = n // 2
     return [mid] + [j for step in range(1, n) for j in (mid - step, mid + step) if 0 <= j < n]
+
+
+def keep_best(mean: torch.Tensor, alive: torch.Tensor, keep: int) -> torch.Tensor:
+    """Successive elimination's pruning: of each image's ``alive`` candidate indices [B, k], the ``keep`` of
+    lowest ``mean`` error (``mean`` [B, K] over all candidates; ties to the lower index), in index order."""
+    best = mean.gather(1, alive).argsort(dim=1, stable=True)[:, :keep].sort(dim=1).values
+    return alive.gather(1, best)
 
 
 def mean_over_draws(per_draw: torch.Tensor, scored_only: bool = False) -> torch.Tensor:
