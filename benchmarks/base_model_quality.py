@@ -9,12 +9,18 @@ real held-out renders with EfficientNet-Lite0, and report
         [--steps 30] [--guidance 5.0] [--out benchmarks/results/base-model-quality.json]
 
 Also recorded: the colour cast (mean RGB of the generated images minus that of the real renders, per
-class and overall), the per-channel mean and std of the training renders' scaled latents, and the colour
-the decoder gives an all-zero latent. ``--start mean-leak`` starts sampling from
+class and overall), the colour spread and saturation of generated and real images (a one-palette,
+washed-out model has a small spread and low saturation), the per-channel mean and std of the training
+renders' scaled latents (and the std over images of each image's channel mean, its "DC"), and the
+colour the decoder gives an all-zero latent. ``--start mean-leak`` starts sampling from
 ``sqrt(1 - a) * noise + sqrt(a) * mu`` instead of pure noise (``a``: the scheduler's alpha-bar at the
 first sampling step, ``mu``: the per-channel latent mean of the training renders): the signal that
 training's noised latents still carry at that step (a schedule whose terminal SNR is not zero; Lin et al.
 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed"), measured against the cast.
+``--start marginal`` adds to that mean one draw per image and channel of the training images' DC,
+``sqrt(a) * (mu + dc_std * n)``, constant over the latent: the first step's noised training latents
+then have the DC statistics the UNet learned from (a diagnostic of the non-zero terminal SNR; stock
+pipelines start from pure noise).
 
 ``--codec-only`` measures only the autoencoder, on personal concepts (the protocol of the "Base
 model v2" issue): render ``--sequence`` (tabletop-50) with ``--train-views`` + ``--eval-views`` views
@@ -51,9 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--start", choices=("noise", "mean-leak"), default="noise",
-                   help="initial latents: pure noise (as stock pipelines), or noise carrying the training "
-                        "latents' mean at the first step's signal level (see above)")
+    p.add_argument("--start", choices=("noise", "mean-leak", "marginal"), default="noise",
+                   help="initial latents: pure noise (as stock pipelines), noise carrying the training latents' "
+                        "mean at the first step's signal level, or also a random per-image DC (see above)")
     p.add_argument("--out", default="benchmarks/results/base-model-quality.json")
     p.add_argument("--grid", default="benchmarks/results/base-model-samples.png")
     p.add_argument("--workdir", default=None, help="train-base work dir: also record the result for the model card "
@@ -105,15 +111,17 @@ def main(argv: list[str] | None = None) -> dict:
     real_reference, blur_reference, vae_reference = (hits[k] / (args.per_class * len(BASE_CLASSES))
                                                      for k in ("real", "half", "vae"))
     stats = latent_stats(pipe, renderer)
-    per_class, tiles, casts = {}, [], []
+    per_class, tiles, casts, colours = {}, [], [], []
     correct = total = 0
     for ci, noun in enumerate(nouns):
         gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.per_class)]
-        latents = start_latents(pipe, gens, args.steps, stats["latent_mean"] if args.start == "mean-leak" else None)
+        latents = start_latents(pipe, gens, args.steps, stats["latent_mean"] if args.start != "noise" else None,
+                                stats["latent_dc_std"] if args.start == "marginal" else None)
         images = pipe([f"a photo of a {noun}"] * args.per_class, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, latents=latents).images
         cast = (_mean_rgb(images) - _mean_rgb(real[noun])).tolist()
         casts.append(cast)
+        colours.append([_colour_stats(images), _colour_stats(real[noun])])
         tiles += images[:8]
         feats = extractor(images)
         pred = torch.cdist(feats, centroids).argmin(1)
@@ -125,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
         confused = {nouns[j]: int((pred == j).sum()) for j in pred.unique().tolist() if j != ci}
         per_class[noun] = {"centroid_accuracy": acc, "KID_x1e3": 1e3 * float(kid_mean),
                            "KID_std_x1e3": 1e3 * float(kid_std), "confused_with": confused,
-                           "colour_cast_rgb": [round(c, 4) for c in cast]}
+                           "colour_cast_rgb": [round(c, 4) for c in cast],
+                           "colour_spread_generated_real": [round(c["spread"], 4) for c in colours[-1]],
+                           "saturation_generated_real": [round(c["saturation"], 4) for c in colours[-1]]}
         correct += int((pred == ci).sum())
         total += len(pred)
         print(f"{noun:<16} acc {acc:.2f}  KID x1e3 {1e3 * float(kid_mean):8.2f}  cast RGB "
@@ -140,6 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
         "colour_cast": {"mean_rgb": [round(float(c), 4) for c in np.mean(casts, 0)],
                         "mean_abs": round(float(np.abs(casts).mean()), 4),
                         "what": "mean RGB (0-1) of the generated images minus that of the class's real renders"},
+        "colour_diversity": {**{f"{key}_{side}": round(float(np.mean([c[i][key] for c in colours])), 4)
+                                for key in ("spread", "saturation") for i, side in enumerate(("generated", "real"))},
+                             "what": "mean over classes; spread: std over a class's images of their mean RGB (0-1), "
+                                     "averaged over R, G, B; saturation: mean HSV saturation of all pixels"},
         "latents": stats,
         "per_class": per_class,
         "settings": {"per_class": args.per_class, "real_per_class": args.real, "steps": args.steps,
@@ -152,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"colour cast (generated - real, mean RGB) {result['colour_cast']['mean_rgb']}, mean |cast| "
           f"{result['colour_cast']['mean_abs']}; decoder colour of a zero latent {stats['zero_latent_rgb']}")
+    cd = result["colour_diversity"]
+    print(f"colour spread generated {cd['spread_generated']:.3f} / real {cd['spread_real']:.3f}; saturation "
+          f"generated {cd['saturation_generated']:.3f} / real {cd['saturation_real']:.3f}")
     print(f"overall nearest-centroid accuracy {result['centroid_accuracy']:.3f} (target 0.8; "
           f"held-out real renders score {real_reference:.3f}, at half resolution {blur_reference:.3f}, "
           f"after a VAE round trip {vae_reference:.3f})")
@@ -174,11 +191,21 @@ def _mean_rgb(images) -> np.ndarray:
     return np.stack([np.asarray(im.convert("RGB"), np.float64) / 255 for im in images]).mean((0, 1, 2))
 
 
+def _colour_stats(images) -> dict[str, float]:
+    """How varied and how vivid a set of images' colours are: the std over images of their mean RGB
+    (averaged over channels) and the mean HSV saturation of their pixels."""
+    rgb = np.stack([np.asarray(im.convert("RGB"), np.float64) / 255 for im in images])
+    top, bottom = rgb.max(-1), rgb.min(-1)
+    saturation = np.where(top > 0, (top - bottom) / np.maximum(top, 1e-8), 0.0)
+    return {"spread": float(rgb.mean((1, 2)).std(0).mean()), "saturation": float(saturation.mean())}
+
+
 @torch.no_grad()
 def latent_stats(pipe, renderer, per_class: int = 16) -> dict:
     """Per-channel mean and std of the scaled latents (posterior mean) of training-range class renders
     (the first ``per_class`` of every class, the base training's own render seed 0), and the decoder's
-    mean colour of an all-zero latent."""
+    mean colour of an all-zero latent. ``latent_dc_std``: per channel, the std over images of an image's
+    mean latent (its DC)."""
     from conceptstream.world.catalogue import BASE_CLASSES
 
     images = [renderer.render_class(c, i, seed=0).image for c in BASE_CLASSES for i in range(per_class)]
@@ -188,13 +215,16 @@ def latent_stats(pipe, renderer, per_class: int = 16) -> dict:
     zero = vae.decode(torch.zeros(1, *z.shape[1:])).sample.clamp(-1, 1)
     return {"latent_mean": [round(float(v), 4) for v in z.mean((0, 2, 3))],
             "latent_std": [round(float(v), 4) for v in z.std((0, 2, 3))],
+            "latent_dc_std": [round(float(v), 4) for v in z.mean((2, 3)).std(0)],
             "zero_latent_rgb": [round(float(v), 4) for v in ((zero + 1) / 2).mean((0, 2, 3))],
             "renders": f"{per_class} per class, render_class(cls, 0..{per_class - 1}, seed=0)"}
 
 
-def start_latents(pipe, generators, steps: int, mean: list[float] | None) -> torch.Tensor:
+def start_latents(pipe, generators, steps: int, mean: list[float] | None,
+                  dc_std: list[float] | None = None) -> torch.Tensor:
     """The initial latents of one batch (one generator per image, as the pipeline would draw them); with
-    ``mean``, plus the signal the first sampling step's noised training latents carry: sqrt(a) * mean."""
+    ``mean``, plus the signal the first sampling step's noised training latents carry: sqrt(a) * mean; with
+    ``dc_std`` too, sqrt(a) * (mean + dc_std * n), n ~ N(0, 1) per image and channel (drawn after the noise)."""
     unet = pipe.unet.config
     shape = (unet.in_channels, unet.sample_size, unet.sample_size)
     noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
@@ -202,7 +232,11 @@ def start_latents(pipe, generators, steps: int, mean: list[float] | None) -> tor
         return noise
     pipe.scheduler.set_timesteps(steps)
     a = float(pipe.scheduler.alphas_cumprod[int(pipe.scheduler.timesteps[0])])
-    return (1 - a) ** 0.5 * noise + a ** 0.5 * torch.tensor(mean).view(-1, 1, 1)
+    signal = torch.tensor(mean).view(1, -1, 1, 1).expand(len(generators), -1, 1, 1)
+    if dc_std is not None:
+        dc = torch.stack([torch.randn(len(dc_std), generator=g) for g in generators])
+        signal = signal + (torch.tensor(dc_std) * dc).view(len(generators), -1, 1, 1)
+    return (1 - a) ** 0.5 * noise + a ** 0.5 * signal
 
 
 @torch.no_grad()

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--unet-pattern-images", type=int, default=0,
                     help="renders of base-class objects in concept patterns and colour pairs, captioned with both, "
                          "added to the UNet's data; never a personal concept's look (default %(default)s: none)")
+    wt.add_argument("--noise-offset", type=float, default=0.0,
+                    help="offset noise of the UNet stage: one extra N(0, x^2) value per sample and channel, so samples "
+                         "can move their mean colour (0.05-0.1 is usual; default %(default)s: off)")
     wt.add_argument("--batch-size", type=int, default=32,
                     help="batch size of the VAE and UNet stages (default %(default)s)")
     wt.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpoint + export) after this")
@@ -321,7 +324,8 @@ def _world(args: argparse.Namespace) -> int:
                                  seed=args.seed, init_from=args.init_from, latent_channels=args.latent_channels,
                                  vae_downsample=args.vae_downsample, vae_generic_fraction=args.vae_generic_fraction,
                                  vae_generic_images=args.vae_generic_images,
-                                 unet_pattern_images=args.unet_pattern_images, device=args.device,
+                                 unet_pattern_images=args.unet_pattern_images, noise_offset=args.noise_offset,
+                                 device=args.device,
                                  render_workers=args.render_workers)
         out = BaseTrainer(cfg).run()
         print(f"exported model to {out}" if out else f"stopped early; resume with the same command ({args.workdir})")

@@ -405,6 +405,54 @@ def test_quality_benchmark_s_start_latents_and_latent_statistics(random_model_pa
     assert 0 < a < 0.05
     shift = (leak - (1 - a) ** 0.5 * noise).mean((0, 2, 3))
     assert torch.allclose(shift, a ** 0.5 * torch.tensor(mean), atol=1e-5)
+    dc_std = [1.0, 0.5, 0.0, 2.0][:c]
+    marginal = bmq.start_latents(pipe, gens(), 30, mean, dc_std) - (1 - a) ** 0.5 * noise
+    assert torch.allclose(marginal, marginal[:, :, :1, :1].expand_as(marginal), atol=1e-5)  # a DC per image
+    draws = []
+    for g in gens():  # each image's DC: its generator's next draw after the noise
+        torch.randn((c, size, size), generator=g)
+        draws.append(torch.randn(c, generator=g))
+    expected_dc = a ** 0.5 * (torch.tensor(mean) + torch.tensor(dc_std) * torch.stack(draws))
+    assert torch.allclose(marginal[:, :, 0, 0], expected_dc, atol=1e-5)
     stats = bmq.latent_stats(pipe, renderer, per_class=1)
-    assert len(stats["latent_mean"]) == len(stats["latent_std"]) == c and len(stats["zero_latent_rgb"]) == 3
+    assert len(stats["latent_mean"]) == len(stats["latent_std"]) == len(stats["latent_dc_std"]) == c and len(stats["zero_latent_rgb"]) == 3
     assert all(s > 0 for s in stats["latent_std"]) and all(0 <= v <= 1 for v in stats["zero_latent_rgb"])
+
+
+def test_quality_benchmark_s_colour_spread_and_saturation():
+    from PIL import Image
+
+    bmq = benchmark_script("base_model_quality")
+    grey = [Image.new("RGB", (4, 4), (90, 90, 90))] * 3
+    assert bmq._colour_stats(grey) == {"spread": 0.0, "saturation": 0.0}
+    vivid = bmq._colour_stats([Image.new("RGB", (4, 4), (255, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 255))])
+    assert vivid["saturation"] == pytest.approx(1.0) and vivid["spread"] == pytest.approx(1 / 3)
+
+
+def test_offset_noise_adds_one_value_per_sample_and_channel_and_zero_is_plain_noise():
+    from conceptstream.world.train_base import draw_noise
+
+    shape = torch.Size((512, 4, 8, 8))
+    plain = draw_noise(shape, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+    offset = draw_noise(shape, torch.Generator().manual_seed(3), 0.1)
+    extra = offset - plain  # the same generator draws the per-element noise first
+    assert torch.allclose(extra, extra[:, :, :1, :1].expand_as(extra), atol=1e-6)
+    assert 0.09 < float(extra[:, :, 0, 0].std()) < 0.11
+
+
+def test_noise_offset_trains_is_recorded_in_the_model_card_and_bad_values_are_refused(tmp_path):
+    from conceptstream.errors import UserInputError
+    from conceptstream.safeio import load_tensors
+
+    torch.set_num_threads(1)
+    with pytest.raises(UserInputError, match="--noise-offset must be in"):
+        BaseTrainer(_cfg(tmp_path, "o", noise_offset=-0.1), progress=False)
+    outs = {}
+    for name, offset in (("p", 0.0), ("o", 0.1)):
+        cfg = _cfg(tmp_path, name, decoder_steps=0, unet_steps=1, lr_warmup_steps=0, noise_offset=offset)
+        outs[name] = BaseTrainer(cfg, progress=False).run()
+    plain, offset = (load_tensors(tmp_path / f"{n}-work" / "unet.safetensors") for n in ("p", "o"))
+    assert any(not torch.equal(plain[k], offset[k]) for k in plain)  # same seed, the noise differs
+    assert "Offset noise 0.1 (every step)" in (outs["o"] / "README.md").read_text()
+    assert "Offset noise" not in (outs["p"] / "README.md").read_text()

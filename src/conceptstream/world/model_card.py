@@ -91,6 +91,10 @@ def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
                           for i, (a, b) in enumerate(runs))
         restarts = (f"\n  Trained in {len(runs)} runs, steps {spans}: each later run started from the previous "
                     "run's export with a fresh optimizer and its own schedule and warm-up over its planned steps.")
+    offset = getattr(cfg, "noise_offset", 0.0)
+    if offset > 0:
+        which = "the last run" if len(runs) > 1 else "every step"
+        restarts += f"\n  Offset noise {offset} ({which}): samples may move their mean colour away from the data mean."
     machines = ", ".join(s.get("machines") or [platform.processor() or platform.machine()])
     generic = ""
     # the VAE's own data as recorded when it trained (a later run's config may differ); older progress: the config

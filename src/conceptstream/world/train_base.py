@@ -72,6 +72,11 @@ class BaseTrainingConfig:
     disc_weight: float = 0.5
     ema_decay: float = 0.9995
     min_snr_gamma: float = 5.0
+    # Offset noise (diffusers' train_text_to_image ``--noise_offset``): each noise map gets one extra
+    # N(0, noise_offset^2) value per sample and channel, so the UNet learns to move an image's mean
+    # colour and brightness, which the schedule's non-zero terminal SNR otherwise pins to the data mean
+    # (washed-out, one-palette samples). 0 (the default) draws exactly the noise of earlier runs.
+    noise_offset: float = 0.0
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
     export_every: int = 2000
@@ -103,6 +108,15 @@ def unet_lr_schedule(opt: torch.optim.Optimizer, cfg: BaseTrainingConfig, step: 
         group.setdefault("initial_lr", group["lr"])
     return get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.lr_warmup_steps,
                          num_training_steps=max(1, cfg.unet_steps - warm_start), last_epoch=step - warm_start - 1)
+
+
+def draw_noise(shape: torch.Size, g: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+    """The UNet stage's noise: N(0, 1) per element, plus with ``offset`` > 0 one N(0, offset^2) value per
+    sample and channel (offset noise). With ``offset`` 0 it is exactly ``torch.randn(shape, generator=g)``."""
+    noise = torch.randn(shape, generator=g)
+    if offset > 0:
+        noise = noise + offset * torch.randn((*shape[:2], 1, 1), generator=g)
+    return noise
 
 
 def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
@@ -137,6 +151,8 @@ class BaseTrainer:
             raise UserInputError(f"lr_scheduler {cfg.lr_scheduler!r} is not one of {', '.join(schedulers)}")
         if cfg.render_workers < 1:
             raise UserInputError(f"--render-workers must be >= 1, got {cfg.render_workers}")
+        if not 0.0 <= cfg.noise_offset <= 1.0:
+            raise UserInputError(f"--noise-offset must be in [0, 1] (0.05-0.1 is usual), got {cfg.noise_offset}")
         from conceptstream.distributed import check_device
 
         self.device = torch.device(check_device(cfg.device))
@@ -439,7 +455,7 @@ class BaseTrainer:
             drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
             batch_ids[drop] = empty[0]
             t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=g)
-            noise = torch.randn(z.shape, generator=g)
+            noise = draw_noise(z.shape, g, cfg.noise_offset)
             a = alphas[t].view(-1, 1, 1, 1)
             dev = self.device
             z, noise, a, t, batch_ids = z.to(dev), noise.to(dev), a.to(dev), t.to(dev), batch_ids.to(dev)
