@@ -101,13 +101,17 @@ def main(argv: list[str] | None = None) -> dict:
     # renders themselves (the metric's ceiling), at half resolution (what blur costs on this
     # metric), and after a VAE round trip (samples pass the same decoder: they can hardly score above it)
     hits = {"real": 0, "half": 0, "vae": 0}
+    vae_hits: dict[str, float] = {}  # per class: the ceiling the decoder leaves the class's samples
     for ci, cls in enumerate(BASE_CLASSES):
         probe = [renderer.render_class(cls, 200_000 + i, seed=2).image for i in range(args.per_class)]
         variants = {"real": probe,
                     "half": [im.resize((32, 32), Image.BILINEAR).resize((64, 64), Image.BILINEAR) for im in probe],
                     "vae": _vae_round_trip(pipe.vae, probe)}
         for name, images in variants.items():
-            hits[name] += int((torch.cdist(extractor(images), centroids).argmin(1) == ci).sum())
+            hit = int((torch.cdist(extractor(images), centroids).argmin(1) == ci).sum())
+            hits[name] += hit
+            if name == "vae":
+                vae_hits[cls.noun] = hit / args.per_class
     real_reference, blur_reference, vae_reference = (hits[k] / (args.per_class * len(BASE_CLASSES))
                                                      for k in ("real", "half", "vae"))
     stats = latent_stats(pipe, renderer)
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         confused = {nouns[j]: int((pred == j).sum()) for j in pred.unique().tolist() if j != ci}
         per_class[noun] = {"centroid_accuracy": acc, "KID_x1e3": 1e3 * float(kid_mean),
                            "KID_std_x1e3": 1e3 * float(kid_std), "confused_with": confused,
+                           "vae_reconstruction_accuracy": vae_hits[noun],
                            "colour_cast_rgb": [round(c, 4) for c in cast],
                            "colour_spread_generated_real": [round(c["spread"], 4) for c in colours[-1]],
                            "saturation_generated_real": [round(c["saturation"], 4) for c in colours[-1]]}

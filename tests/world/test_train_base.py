@@ -415,7 +415,8 @@ def test_quality_benchmark_s_start_latents_and_latent_statistics(random_model_pa
     expected_dc = a ** 0.5 * (torch.tensor(mean) + torch.tensor(dc_std) * torch.stack(draws))
     assert torch.allclose(marginal[:, :, 0, 0], expected_dc, atol=1e-5)
     stats = bmq.latent_stats(pipe, renderer, per_class=1)
-    assert len(stats["latent_mean"]) == len(stats["latent_std"]) == len(stats["latent_dc_std"]) == c and len(stats["zero_latent_rgb"]) == 3
+    assert len(stats["latent_mean"]) == len(stats["latent_std"]) == len(stats["latent_dc_std"]) == c
+    assert len(stats["zero_latent_rgb"]) == 3
     assert all(s > 0 for s in stats["latent_std"]) and all(0 <= v <= 1 for v in stats["zero_latent_rgb"])
 
 
@@ -456,3 +457,17 @@ def test_noise_offset_trains_is_recorded_in_the_model_card_and_bad_values_are_re
     assert any(not torch.equal(plain[k], offset[k]) for k in plain)  # same seed, the noise differs
     assert "Offset noise 0.1 (every step)" in (outs["o"] / "README.md").read_text()
     assert "Offset noise" not in (outs["p"] / "README.md").read_text()
+
+
+def test_quality_benchmark_runs_and_records_per_class_ceiling_and_colours(random_model_path, tmp_path):
+    bmq = benchmark_script("base_model_quality")
+    out = tmp_path / "q.json"
+    result = bmq.main(["--model", str(random_model_path), "--per-class", "2", "--real", "2", "--steps", "2",
+                       "--start", "marginal", "--out", str(out), "--grid", str(tmp_path / "g.png")])
+    assert json.loads(out.read_text())["centroid_accuracy"] == result["centroid_accuracy"]
+    rows = result["per_class"].values()
+    assert len(rows) == 10 and all(r["vae_reconstruction_accuracy"] in (0.0, 0.5, 1.0) for r in rows)
+    vae_mean = sum(r["vae_reconstruction_accuracy"] for r in rows) / 10
+    assert vae_mean == pytest.approx(result["vae_reconstruction_centroid_accuracy"])
+    assert all(len(r["colour_spread_generated_real"]) == len(r["saturation_generated_real"]) == 2 for r in rows)
+    assert result["settings"]["start"] == "marginal" and len(result["latents"]["latent_dc_std"]) == 4
