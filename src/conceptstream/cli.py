@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="renders of base-class objects in concept patterns and colour pairs, captioned with both, "
                          "added to the UNet's data; never a personal concept's look (default %(default)s: none)")
     wt.add_argument("--noise-offset", type=float, default=0.0,
-                    help="offset noise of the UNet stage: one extra N(0, x^2) value per sample and channel, so samples "
-                         "can move their mean colour (0.05-0.1 is usual; default %(default)s: off)")
+                    help="offset noise of the UNet stage: one extra N(0, x^2) value per sample and channel "
+                         "(0.05-0.1 is usual; default %(default)s: off)")
     wt.add_argument("--batch-size", type=int, default=32,
                     help="batch size of the VAE and UNet stages (default %(default)s)")
     wt.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpoint + export) after this")

@@ -94,7 +94,7 @@ def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
     offset = getattr(cfg, "noise_offset", 0.0)
     if offset > 0:
         which = "the last run" if len(runs) > 1 else "every step"
-        restarts += f"\n  Offset noise {offset} ({which}): samples may move their mean colour away from the data mean."
+        restarts += f"\n  Offset noise {offset} ({which}): one extra N(0, {offset}^2) noise value per sample and channel."
     machines = ", ".join(s.get("machines") or [platform.processor() or platform.machine()])
     generic = ""
     # the VAE's own data as recorded when it trained (a later run's config may differ); older progress: the config

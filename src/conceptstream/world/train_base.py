@@ -73,9 +73,9 @@ class BaseTrainingConfig:
     ema_decay: float = 0.9995
     min_snr_gamma: float = 5.0
     # Offset noise (diffusers' train_text_to_image ``--noise_offset``): each noise map gets one extra
-    # N(0, noise_offset^2) value per sample and channel, so the UNet learns to move an image's mean
-    # colour and brightness, which the schedule's non-zero terminal SNR otherwise pins to the data mean
-    # (washed-out, one-palette samples). 0 (the default) draws exactly the noise of earlier runs.
+    # N(0, noise_offset^2) value per sample and channel, meant to let samples move their mean colour. On
+    # this model 0.1 did not widen the samples' palette (benchmarks/results/base-model-v2/README.md).
+    # 0 (the default) draws exactly the noise of earlier runs.
     noise_offset: float = 0.0
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
