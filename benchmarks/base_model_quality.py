@@ -192,14 +192,19 @@ def _pixels(images) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
 
 
+def _rgb(images) -> np.ndarray:
+    """PIL images as one [N, H, W, 3] float array in [0, 1]."""
+    return np.stack([np.asarray(im.convert("RGB"), np.float64) / 255 for im in images])
+
+
 def _mean_rgb(images) -> np.ndarray:
-    return np.stack([np.asarray(im.convert("RGB"), np.float64) / 255 for im in images]).mean((0, 1, 2))
+    return _rgb(images).mean((0, 1, 2))
 
 
 def _colour_stats(images) -> dict[str, float]:
     """How varied and how vivid a set of images' colours are: the std over images of their mean RGB
     (averaged over channels) and the mean HSV saturation of their pixels."""
-    rgb = np.stack([np.asarray(im.convert("RGB"), np.float64) / 255 for im in images])
+    rgb = _rgb(images)
     top, bottom = rgb.max(-1), rgb.min(-1)
     saturation = np.where(top > 0, (top - bottom) / np.maximum(top, 1e-8), 0.0)
     return {"spread": float(rgb.mean((1, 2)).std(0).mean()), "saturation": float(saturation.mean())}
