@@ -18,6 +18,14 @@ def _kv(text: str) -> tuple[str, str]:
     return key.strip().replace("-", "_"), value.strip()
 
 
+def _int_tuple(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers (``--unet-channels 64,128,192,192``)."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,128,192,192, got {text!r}") from None
+
+
 class _AdapterKinds:
     """``--adapter`` choices from the adapter registry, looked up only when used (the registry imports torch)."""
 
@@ -91,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--noise-offset", type=float, default=0.0,
                     help="offset noise of the UNet stage: one extra N(0, x^2) value per sample and channel "
                          "(0.05-0.1 is usual; default %(default)s: off)")
+    wt.add_argument("--unet-channels", type=_int_tuple, default=None,
+                    help="the UNet's width, one number per block, multiples of 32 (e.g. 64,128,192,192; default: "
+                         "32,64,96,96 at 32x32 latents); another UNet than --init-from's trains from step 0 on its VAE")
+    wt.add_argument("--unet-layers-per-block", type=int, default=1,
+                    help="the UNet's depth: resnets (and attention layers) per block (default %(default)s)")
     wt.add_argument("--batch-size", type=int, default=32,
                     help="batch size of the VAE and UNet stages (default %(default)s)")
     wt.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpoint + export) after this")
@@ -325,6 +338,7 @@ def _world(args: argparse.Namespace) -> int:
                                  vae_downsample=args.vae_downsample, vae_generic_fraction=args.vae_generic_fraction,
                                  vae_generic_images=args.vae_generic_images,
                                  unet_pattern_images=args.unet_pattern_images, noise_offset=args.noise_offset,
+                                 unet_channels=args.unet_channels, unet_layers_per_block=args.unet_layers_per_block,
                                  device=args.device,
                                  render_workers=args.render_workers)
         out = BaseTrainer(cfg).run()

@@ -471,3 +471,46 @@ def test_quality_benchmark_runs_and_records_per_class_ceiling_and_colours(random
     assert vae_mean == pytest.approx(result["vae_reconstruction_centroid_accuracy"])
     assert all(len(r["colour_spread_generated_real"]) == len(r["saturation_generated_real"]) == 2 for r in rows)
     assert result["settings"]["start"] == "marginal" and len(result["latents"]["latent_dc_std"]) == 4
+
+
+def test_a_wider_deeper_unet_trains_exports_and_takes_only_the_vae_of_another_unet_s_export(tmp_path, capsys):
+    """--unet-channels/--unet-layers-per-block: a stock UNet of those widths and depth, named in the model
+    card; seeded from an export with another UNet it keeps that export's VAE and trains its UNet from step 0;
+    a work dir resumes only with the same UNet; bad widths are refused in one line."""
+    from conceptstream.errors import UserInputError
+    from conceptstream.safeio import load_tensors
+
+    torch.set_num_threads(1)
+    base = BaseTrainer(_cfg(tmp_path, "u", vae_downsample=2, decoder_steps=0, unet_steps=2), progress=False).run()
+    wide = dict(vae_downsample=2, decoder_steps=0, unet_channels=(32, 64, 128, 128), unet_layers_per_block=2)
+    seeded = BaseTrainer(_cfg(tmp_path, "w", unet_steps=1, init_from=str(base), **wide), progress=False)
+    assert "taking its VAE only" in capsys.readouterr().err
+    assert (seeded.state["vae_step"], seeded.state["unet_step"]) == (2, 0)
+    assert not (tmp_path / "w-work" / "ema.safetensors").exists()
+    vae_before = load_tensors(tmp_path / "w-work" / "vae.safetensors")
+    out = seeded.run()
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert list(pipe.unet.config.block_out_channels) == [32, 64, 128, 128] and pipe.unet.config.layers_per_block == 2
+    assert all(torch.equal(v, pipe.vae.state_dict()[k]) for k, v in vae_before.items())  # the export's VAE
+    assert pipe("a photo of a mug", num_inference_steps=2).images[0].size == (64, 64)
+    info = json.loads((out / "training.json").read_text())
+    assert info["unet_step"] == 1 and info["unet_runs"] == [[0, 1]]
+    assert "128 (CrossAttnDownBlock), 2 layers per block" in (out / "README.md").read_text()
+    with pytest.raises(UserInputError, match="resume with the same --unet-channels"):
+        BaseTrainer(_cfg(tmp_path, "w", vae_downsample=2, unet_steps=1), progress=False)
+    with pytest.raises(UserInputError, match="takes 4 block widths, each a multiple of 32"):
+        BaseTrainer(_cfg(tmp_path, "x", vae_downsample=2, unet_channels=(64, 100, 128, 128)), progress=False)
+    with pytest.raises(UserInputError, match="1 layer per block"):
+        BaseTrainer(_cfg(tmp_path, "y", unet_layers_per_block=0), progress=False)
+
+
+def test_unet_step_cost_benchmark_builds_each_shape_and_records_its_cost(tmp_path):
+    cost = benchmark_script("unet_step_cost")
+    assert cost.parse_shape("default") == (None, 1) and cost.parse_shape("64,128,96,96x2") == ((64, 128, 96, 96), 2)
+    out = tmp_path / "cost.json"
+    cost.main(["--unet", "default", "32,64,128,128x2", "--batch-size", "2", "--steps", "1", "--threads", "1",
+               "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["block_out_channels"] for r in rows] == [[32, 64, 96, 96], [32, 64, 128, 128]]
+    assert [r["layers_per_block"] for r in rows] == [1, 2] and rows[1]["params_M"] > rows[0]["params_M"]
+    assert all(r["seconds_per_step_median"] > 0 for r in rows)

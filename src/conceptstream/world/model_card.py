@@ -81,8 +81,10 @@ def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
 
     down = getattr(cfg, "vae_downsample", 4)
     latent = f"{cfg.latent_channels}x{64 // down}x{64 // down}"
-    unet = unet_config(cfg.latent_channels, down)
+    channels, layers = getattr(cfg, "unet_channels", None), getattr(cfg, "unet_layers_per_block", 1)
+    unet = unet_config(cfg.latent_channels, down, tuple(channels) if channels else None, layers)
     blocks = ", ".join(f"{c} ({b.replace('2D', '')})" for c, b in zip(unet["block_out_channels"], unet["down_block_types"]))
+    blocks += f", {layers} layers per block" if layers > 1 else ""
     runs = s.get("unet_runs") or [[0, cfg.unet_steps]]
     restarts = ""
     if len(runs) > 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,11 @@ class BaseTrainingConfig:
     latent_channels: int = 4  # the bundled model's; 8 is the planned fix for the VAE ceiling (README)
     # VAE downsampling factor: 4 (the bundled model's, 16x16 latents) or 2 (32x32 latents, a costlier UNet)
     vae_downsample: int = 4
+    # The UNet's width (one number per block; None: tiny_model's default for the latent size, 32,64,96,96
+    # at 32x32) and depth (resnets, and attention where the block has it, per block). Another UNet than an
+    # --init-from export's starts from step 0 and takes only that export's VAE.
+    unet_channels: tuple[int, ...] | None = None
+    unet_layers_per_block: int = 1
     # Share of each VAE batch drawn from generic images (procedural patterns, scikit-image photos and
     # textures, objects painted with patterns; base_data.generic_dataset) instead of the class renders;
     # 0 keeps the bundled model's renders-only VAE data. Never a personal concept's look.
@@ -149,6 +155,13 @@ class BaseTrainer:
         schedulers = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
         if cfg.lr_scheduler not in schedulers:
             raise UserInputError(f"lr_scheduler {cfg.lr_scheduler!r} is not one of {', '.join(schedulers)}")
+        if cfg.unet_channels is not None or cfg.unet_layers_per_block != 1:
+            from conceptstream.world.tiny_model import unet_config
+
+            try:
+                unet_config(cfg.latent_channels, cfg.vae_downsample, cfg.unet_channels, cfg.unet_layers_per_block)
+            except ValueError as e:
+                raise UserInputError(f"--unet-channels/--unet-layers-per-block: {e}") from None
         if cfg.render_workers < 1:
             raise UserInputError(f"--render-workers must be >= 1, got {cfg.render_workers}")
         if not 0.0 <= cfg.noise_offset <= 1.0:
@@ -156,7 +169,8 @@ class BaseTrainer:
         from conceptstream.distributed import check_device
 
         self.device = torch.device(check_device(cfg.device))
-        self.components = build_components(cfg.seed, cfg.latent_channels, cfg.vae_downsample)
+        self.components = build_components(cfg.seed, cfg.latent_channels, cfg.vae_downsample, cfg.unet_channels,
+                                           cfg.unet_layers_per_block)
         for name in ("vae", "unet", "text_encoder"):
             self.components[name].to(self.device)
         self.state_path = self.workdir / "progress.json"
@@ -172,6 +186,11 @@ class BaseTrainer:
             if had != cfg.vae_downsample:
                 raise UserInputError(f"{self.workdir} was trained with --vae-downsample {had}, not "
                                      f"{cfg.vae_downsample}; resume with {had} or use a new --workdir")
+            had = self._unet_shape(saved.get("config", {}))
+            if had != self._unet_shape(asdict(cfg)):
+                raise UserInputError(f"{self.workdir} was trained with a UNet of widths {had[0]} and {had[1]} layer(s) "
+                                     "per block; resume with the same --unet-channels/--unet-layers-per-block or use a "
+                                     "new --workdir")
             self.state.update({k: v for k, v in saved.items() if k != "config"})
         from conceptstream.system import cpu_model
 
@@ -184,6 +203,15 @@ class BaseTrainer:
             self._seed_from_export(Path(cfg.init_from))
             self._wall0 = self.state["wall_seconds"]
         self._stop_requested = False
+
+    def _unet_shape(self, config: dict) -> tuple[list[int], int]:
+        """(block widths, layers per block) of the UNet a config builds."""
+        from conceptstream.world.tiny_model import unet_config
+
+        channels = config.get("unet_channels")
+        unet = unet_config(self.cfg.latent_channels, self.cfg.vae_downsample,
+                           tuple(channels) if channels else None, config.get("unet_layers_per_block", 1))
+        return list(unet["block_out_channels"]), unet["layers_per_block"]
 
     def _seed_from_export(self, folder: Path) -> None:
         """Start from an exported pipeline (e.g. the bundled model) when the work dir was lost."""
@@ -203,6 +231,13 @@ class BaseTrainer:
             raise UserInputError(f"--init-from {folder} has a VAE downsampling by {down} but --vae-downsample is "
                                  f"{self.cfg.vae_downsample}; they must match")
         save_tensors_atomic(vae.state_dict(), self.workdir / "vae.safetensors")
+        unet_cfg = UNet2DConditionModel.load_config(folder, subfolder="unet")
+        same_unet = (list(unet_cfg["block_out_channels"]), unet_cfg["layers_per_block"]) == self._unet_shape(asdict(self.cfg))
+        if info["unet_step"] > 0 and not same_unet:  # another UNet: it trains from step 0 on this VAE
+            print(f"{folder} has a UNet of widths {list(unet_cfg['block_out_channels'])} and "
+                  f"{unet_cfg['layers_per_block']} layer(s) per block; taking its VAE only, the UNet and text "
+                  "encoder train from step 0", file=sys.stderr)
+            info = {**info, "unet_step": 0, "unet_runs": None}
         if info["unet_step"] > 0:  # a VAE-only export (--unet-steps 0) carries an untrained UNet: not seeded
             unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
             text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True)
@@ -501,7 +536,8 @@ class BaseTrainer:
         vae.register_to_config(scaling_factor=self.state["scaling_factor"])
         from conceptstream.world.tiny_model import build_components
 
-        fresh = build_components(self.cfg.seed, self.cfg.latent_channels, self.cfg.vae_downsample)
+        fresh = build_components(self.cfg.seed, self.cfg.latent_channels, self.cfg.vae_downsample,
+                                 self.cfg.unet_channels, self.cfg.unet_layers_per_block)
         unet, text = fresh["unet"], fresh["text_encoder"]
         ema_path = self.workdir / "ema.safetensors"
         if ema_path.exists():  # absent after a VAE-only run (--unet-steps 0): the UNet is the initial one
