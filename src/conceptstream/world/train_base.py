@@ -116,6 +116,11 @@ def unet_lr_schedule(opt: torch.optim.Optimizer, cfg: BaseTrainingConfig, step: 
                          num_training_steps=max(1, cfg.unet_steps - warm_start), last_epoch=step - warm_start - 1)
 
 
+def _unet_shape(config) -> tuple[list[int], int]:
+    """(block widths, layers per block) of a UNet config (a dict or a diffusers FrozenDict)."""
+    return list(config["block_out_channels"]), config["layers_per_block"]
+
+
 def draw_noise(shape: torch.Size, g: torch.Generator, offset: float = 0.0) -> torch.Tensor:
     """The UNet stage's noise: N(0, 1) per element, plus with ``offset`` > 0 one N(0, offset^2) value per
     sample and channel (offset noise). With ``offset`` 0 it is exactly ``torch.randn(shape, generator=g)``."""
@@ -186,8 +191,8 @@ class BaseTrainer:
             if had != cfg.vae_downsample:
                 raise UserInputError(f"{self.workdir} was trained with --vae-downsample {had}, not "
                                      f"{cfg.vae_downsample}; resume with {had} or use a new --workdir")
-            had = self._unet_shape(saved.get("config", {}))
-            if had != self._unet_shape(asdict(cfg)):
+            had = self._saved_unet_shape(saved.get("config", {}))
+            if had != _unet_shape(self.components["unet"].config):
                 raise UserInputError(f"{self.workdir} was trained with a UNet of widths {had[0]} and {had[1]} layer(s) "
                                      "per block; resume with the same --unet-channels/--unet-layers-per-block or use a "
                                      "new --workdir")
@@ -204,14 +209,13 @@ class BaseTrainer:
             self._wall0 = self.state["wall_seconds"]
         self._stop_requested = False
 
-    def _unet_shape(self, config: dict) -> tuple[list[int], int]:
-        """(block widths, layers per block) of the UNet a config builds."""
+    def _saved_unet_shape(self, config: dict) -> tuple[list[int], int]:
+        """(block widths, layers per block) of the UNet a saved training config built."""
         from conceptstream.world.tiny_model import unet_config
 
         channels = config.get("unet_channels")
-        unet = unet_config(self.cfg.latent_channels, self.cfg.vae_downsample,
-                           tuple(channels) if channels else None, config.get("unet_layers_per_block", 1))
-        return list(unet["block_out_channels"]), unet["layers_per_block"]
+        return _unet_shape(unet_config(self.cfg.latent_channels, self.cfg.vae_downsample,
+                                       tuple(channels) if channels else None, config.get("unet_layers_per_block", 1)))
 
     def _seed_from_export(self, folder: Path) -> None:
         """Start from an exported pipeline (e.g. the bundled model) when the work dir was lost."""
@@ -231,12 +235,11 @@ class BaseTrainer:
             raise UserInputError(f"--init-from {folder} has a VAE downsampling by {down} but --vae-downsample is "
                                  f"{self.cfg.vae_downsample}; they must match")
         save_tensors_atomic(vae.state_dict(), self.workdir / "vae.safetensors")
-        unet_cfg = UNet2DConditionModel.load_config(folder, subfolder="unet")
-        same_unet = (list(unet_cfg["block_out_channels"]), unet_cfg["layers_per_block"]) == self._unet_shape(asdict(self.cfg))
-        if info["unet_step"] > 0 and not same_unet:  # another UNet: it trains from step 0 on this VAE
-            print(f"{folder} has a UNet of widths {list(unet_cfg['block_out_channels'])} and "
-                  f"{unet_cfg['layers_per_block']} layer(s) per block; taking its VAE only, the UNet and text "
-                  "encoder train from step 0", file=sys.stderr)
+        theirs = _unet_shape(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+        if info["unet_step"] > 0 and theirs != _unet_shape(self.components["unet"].config):
+            # another UNet: it trains from step 0 on this VAE
+            print(f"{folder} has a UNet of widths {theirs[0]} and {theirs[1]} layer(s) per block; taking its VAE "
+                  "only, the UNet and text encoder train from step 0", file=sys.stderr)
             info = {**info, "unet_step": 0, "unet_runs": None}
         if info["unet_step"] > 0:  # a VAE-only export (--unet-steps 0) carries an untrained UNet: not seeded
             unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
