@@ -6,7 +6,10 @@ real held-out renders with EfficientNet-Lite0, and report
 - KID (x1e3, polynomial kernel) of generated vs real renders, per class.
 
     python benchmarks/base_model_quality.py [--model tiny|PATH] [--per-class 16] [--real 32]
-        [--steps 30] [--guidance 5.0] [--out benchmarks/results/base-model-quality.json]
+        [--steps 30] [--guidance 5.0] [--out benchmarks/results/base-model-quality.json] [--grid PNG]
+
+The sample grid goes to ``--grid``; without it, beside ``--out`` (``OUT-samples.png``), or for the
+default ``--out`` to the committed ``benchmarks/results/base-model-samples.png``.
 
 Also recorded: the colour cast (mean RGB of the generated images minus that of the real renders, per
 class and overall), the colour spread and saturation of generated and real images (a one-palette,
@@ -48,6 +51,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+DEFAULT_OUT = "benchmarks/results/base-model-quality.json"
+DEFAULT_GRID = "benchmarks/results/base-model-samples.png"
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,8 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--start", choices=("noise", "mean-leak", "marginal"), default="noise",
                    help="initial latents: pure noise (as stock pipelines), noise carrying the training latents' "
                         "mean at the first step's signal level, or also a random per-image DC (see above)")
-    p.add_argument("--out", default="benchmarks/results/base-model-quality.json")
-    p.add_argument("--grid", default="benchmarks/results/base-model-samples.png")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--grid", default=None,
+                   help="sample grid (default: beside --out as OUT-samples.png; for the default --out, "
+                        f"{DEFAULT_GRID}), so a run with its own --out never overwrites the committed grid")
     p.add_argument("--workdir", default=None, help="train-base work dir: also record the result for the model card "
                    "(quality.json; codec.json with --codec-only)")
     p.add_argument("--codec-only", action="store_true", help="measure only the VAE round trip on personal concepts")
@@ -73,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cache", default=None,
                    help="--codec-only: folder caching the renders and reference results (default: no cache)")
     args = p.parse_args(argv)
+    if args.grid is None:
+        args.grid = DEFAULT_GRID if args.out == DEFAULT_OUT else str(Path(args.out).with_suffix("")) + "-samples.png"
     if args.codec_only:
         return codec(args, argv)
 

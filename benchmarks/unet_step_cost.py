@@ -3,11 +3,13 @@
 For each ``--unet`` shape (block widths, then ``xL`` for L layers per block; ``default`` is the bundled
 UNet), build the UNet of ``world train-base`` at 32x32 latents (``--vae-downsample 2``) and time
 ``--steps`` forward + backward passes of the training batch (random latents, timesteps and text
-states of the tiny text encoder's width; no optimizer step), after one warm-up pass. Prints and
-writes parameters, seconds per step and the steps an hour buys.
+states of the tiny text encoder's width; no optimizer step), after one warm-up pass, in each
+``--mixed-precision`` (``no``: fp32; ``bf16``: the forward under bf16 autocast, as ``world train-base
+--mixed-precision bf16``). Prints and writes parameters, seconds per step and the steps an hour buys.
 
     python benchmarks/unet_step_cost.py [--unet default 64,128,96,96 64,128,128,128x2 ...]
-        [--batch-size 32] [--steps 5] [--threads 2] [--out benchmarks/results/base-model-v2/unet-step-cost.json]
+        [--mixed-precision no bf16] [--batch-size 32] [--steps 5] [--threads 2]
+        [--out benchmarks/results/base-model-v2/unet-step-cost.json]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def parse_shape(text: str) -> tuple[tuple[int, ...] | None, int]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--unet", nargs="+", default=["default", "64,128,96,96", "64,128,128,128", "32,64,96,96x2"])
+    p.add_argument("--mixed-precision", nargs="+", choices=("no", "bf16"), default=["no"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
@@ -39,11 +42,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from conceptstream.system import cpu_model
     from conceptstream.world.tiny_model import TEXT_DIM, unet_config
+    from conceptstream.world.train_base import autocast
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     rows = []
-    for shape in args.unet:
+    for shape, precision in [(s, m) for s in args.unet for m in args.mixed_precision]:
         widths, layers = parse_shape(shape)
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**unet_config(4, 2, widths, layers)).train()
@@ -53,17 +57,19 @@ def main(argv: list[str] | None = None) -> None:
         times = []
         for i in range(args.steps + 1):
             t0 = time.perf_counter()
-            unet(x, t, text).sample.square().mean().backward()
+            with autocast("cpu", precision):
+                pred = unet(x, t, text).sample
+            pred.float().square().mean().backward()
             unet.zero_grad(set_to_none=True)
             if i:  # the first pass is a warm-up
                 times.append(time.perf_counter() - t0)
         sec = sorted(times)[len(times) // 2]
-        row = {"unet": shape, "block_out_channels": list(unet.config.block_out_channels),
+        row = {"unet": shape, "mixed_precision": precision, "block_out_channels": list(unet.config.block_out_channels),
                "layers_per_block": layers, "params_M": round(sum(q.numel() for q in unet.parameters()) / 1e6, 2),
                "seconds_per_step_median": round(sec, 3), "steps_per_hour": int(3600 / sec)}
         rows.append(row)
-        print(f"{shape:>20}  {row['params_M']:5.2f}M params  {sec:6.3f} s/step  {row['steps_per_hour']:6d} steps/h",
-              flush=True)
+        print(f"{shape:>20} {precision:>4}  {row['params_M']:5.2f}M params  {sec:6.3f} s/step  "
+              f"{row['steps_per_hour']:6d} steps/h", flush=True)
     result = {"what": "forward + backward of the train-base UNet at 32x32 latents, random inputs, no optimizer step; "
                       "median of the timed passes after one warm-up",
               "batch_size": args.batch_size, "steps": args.steps, "threads": args.threads,

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--noise-offset", type=float, default=0.0,
                     help="offset noise of the UNet stage: one extra N(0, x^2) value per sample and channel "
                          "(0.05-0.1 is usual; default %(default)s: off)")
+    wt.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                    help="the UNet stage's forward in bf16 autocast (weights, optimizer and loss stay fp32); pays on "
+                         "CPUs with AVX512-BF16/AMX and on GPUs (default %(default)s: fp32)")
     wt.add_argument("--unet-channels", type=_int_tuple, default=None,
                     help="the UNet's width, one number per block, multiples of 32 (e.g. 64,128,192,192; default: "
                          "32,64,96,96 at 32x32 latents); another UNet than --init-from's trains from step 0 on its VAE")
@@ -338,6 +341,7 @@ def _world(args: argparse.Namespace) -> int:
                                  vae_downsample=args.vae_downsample, vae_generic_fraction=args.vae_generic_fraction,
                                  vae_generic_images=args.vae_generic_images,
                                  unet_pattern_images=args.unet_pattern_images, noise_offset=args.noise_offset,
+                                 mixed_precision=args.mixed_precision,
                                  unet_channels=args.unet_channels, unet_layers_per_block=args.unet_layers_per_block,
                                  device=args.device,
                                  render_workers=args.render_workers)

@@ -459,12 +459,34 @@ def test_noise_offset_trains_is_recorded_in_the_model_card_and_bad_values_are_re
     assert "Offset noise" not in (outs["p"] / "README.md").read_text()
 
 
+def test_bf16_mixed_precision_trains_in_fp32_weights_is_recorded_from_its_step_and_bad_values_are_refused(tmp_path):
+    """--mixed-precision bf16: the UNet stage's forward under bf16 autocast, weights and checkpoints fp32,
+    a different update from fp32's; the model card names each precision and the step it started at."""
+    from conceptstream.errors import UserInputError
+    from conceptstream.safeio import load_tensors
+
+    torch.set_num_threads(1)
+    with pytest.raises(UserInputError, match="--mixed-precision must be no or bf16"):
+        BaseTrainer(_cfg(tmp_path, "x", mixed_precision="fp16"), progress=False)
+    common = dict(decoder_steps=0, lr_warmup_steps=0)
+    BaseTrainer(_cfg(tmp_path, "f", unet_steps=1, **common), progress=False).run()
+    BaseTrainer(_cfg(tmp_path, "b", unet_steps=1, mixed_precision="bf16", **common), progress=False).run()
+    fp32, bf16 = (load_tensors(tmp_path / f"{n}-work" / "unet.safetensors") for n in ("f", "b"))
+    assert all(v.dtype == torch.float32 for v in bf16.values())
+    assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)  # same seed and batch, another forward
+    assert "UNet stage precision" not in (tmp_path / "f-model" / "README.md").read_text()
+    out = BaseTrainer(_cfg(tmp_path, "f", unet_steps=2, mixed_precision="bf16", **common), progress=False).run()
+    assert json.loads((tmp_path / "f-work" / "progress.json").read_text())["precision"] == [[0, "no"], [1, "bf16"]]
+    assert "UNet stage precision: fp32 from step 0, bf16 from step 1" in (out / "README.md").read_text()
+
+
 def test_quality_benchmark_runs_and_records_per_class_ceiling_and_colours(random_model_path, tmp_path):
     bmq = benchmark_script("base_model_quality")
     out = tmp_path / "q.json"
     result = bmq.main(["--model", str(random_model_path), "--per-class", "2", "--real", "2", "--steps", "2",
-                       "--start", "marginal", "--out", str(out), "--grid", str(tmp_path / "g.png")])
+                       "--start", "marginal", "--out", str(out)])
     assert json.loads(out.read_text())["centroid_accuracy"] == result["centroid_accuracy"]
+    assert (tmp_path / "q-samples.png").is_file()  # without --grid the grid goes beside --out
     rows = result["per_class"].values()
     assert len(rows) == 10 and all(r["vae_reconstruction_accuracy"] in (0.0, 0.5, 1.0) for r in rows)
     vae_mean = sum(r["vae_reconstruction_accuracy"] for r in rows) / 10
@@ -508,9 +530,10 @@ def test_unet_step_cost_benchmark_builds_each_shape_and_records_its_cost(tmp_pat
     cost = benchmark_script("unet_step_cost")
     assert cost.parse_shape("default") == (None, 1) and cost.parse_shape("64,128,96,96x2") == ((64, 128, 96, 96), 2)
     out = tmp_path / "cost.json"
-    cost.main(["--unet", "default", "32,64,128,128x2", "--batch-size", "2", "--steps", "1", "--threads", "1",
-               "--out", str(out)])
+    cost.main(["--unet", "default", "32,64,128,128x2", "--mixed-precision", "no", "bf16", "--batch-size", "2",
+               "--steps", "1", "--threads", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["block_out_channels"] for r in rows] == [[32, 64, 96, 96], [32, 64, 128, 128]]
-    assert [r["layers_per_block"] for r in rows] == [1, 2] and rows[1]["params_M"] > rows[0]["params_M"]
+    assert [r["block_out_channels"] for r in rows] == [[32, 64, 96, 96]] * 2 + [[32, 64, 128, 128]] * 2
+    assert [r["layers_per_block"] for r in rows] == [1, 1, 2, 2] and rows[2]["params_M"] > rows[0]["params_M"]
+    assert [r["mixed_precision"] for r in rows] == ["no", "bf16"] * 2
     assert all(r["seconds_per_step_median"] > 0 for r in rows)

@@ -97,6 +97,11 @@ def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
     if offset > 0:
         which = "the last run" if len(runs) > 1 else "every step"
         restarts += f"\n  Offset noise {offset} ({which}): one extra N(0, {offset}^2) noise value per sample and channel."
+    precision = s.get("precision") or []
+    if any(mode != "no" for _, mode in precision):
+        spans = ", ".join(f"{'fp32' if mode == 'no' else mode} from step {a}" for a, mode in precision)
+        restarts += (f"\n  UNet stage precision: {spans} (bf16: the forward under autocast; weights, optimizer, "
+                     "EMA and loss in fp32).")
     machines = ", ".join(s.get("machines") or [platform.processor() or platform.machine()])
     generic = ""
     # the VAE's own data as recorded when it trained (a later run's config may differ); older progress: the config
