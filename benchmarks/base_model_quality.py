@@ -54,6 +54,7 @@ import torch
 DEFAULT_OUT = "benchmarks/results/base-model-quality.json"
 DEFAULT_GRID = "benchmarks/results/base-model-samples.png"
 
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
