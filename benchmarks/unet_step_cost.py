@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
+    from conceptstream.distributed import make_accelerator
     from conceptstream.system import cpu_model
     from conceptstream.world.tiny_model import TEXT_DIM, unet_config
-    from conceptstream.world.train_base import autocast
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -51,13 +51,14 @@ def main(argv: list[str] | None = None) -> None:
         widths, layers = parse_shape(shape)
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**unet_config(4, 2, widths, layers)).train()
+        accelerator = make_accelerator(precision, torch.device("cpu"))  # the engine's and train-base's autocast
         x = torch.randn(args.batch_size, 4, 32, 32, generator=g)
         t = torch.randint(0, 1000, (args.batch_size,), generator=g)
         text = torch.randn(args.batch_size, 77, TEXT_DIM, generator=g)
         times = []
         for i in range(args.steps + 1):
             t0 = time.perf_counter()
-            with autocast("cpu", precision):
+            with accelerator.autocast():
                 pred = unet(x, t, text).sample
             pred.float().square().mean().backward()
             unet.zero_grad(set_to_none=True)

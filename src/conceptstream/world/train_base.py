@@ -120,15 +120,6 @@ def unet_lr_schedule(opt: torch.optim.Optimizer, cfg: BaseTrainingConfig, step: 
                          num_training_steps=max(1, cfg.unet_steps - warm_start), last_epoch=step - warm_start - 1)
 
 
-def autocast(device: str | torch.device, precision: str):
-    """The forward pass's context for ``--mixed-precision``: bf16 autocast on ``device``, or nothing."""
-    import contextlib
-
-    if precision == "no":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-
-
 def _unet_shape(config) -> tuple[list[int], int]:
     """(block widths, layers per block) of a UNet config (a dict or a diffusers FrozenDict)."""
     return list(config["block_out_channels"]), config["layers_per_block"]
@@ -184,7 +175,7 @@ class BaseTrainer:
             raise UserInputError(f"--render-workers must be >= 1, got {cfg.render_workers}")
         if not 0.0 <= cfg.noise_offset <= 1.0:
             raise UserInputError(f"--noise-offset must be in [0, 1] (0.05-0.1 is usual), got {cfg.noise_offset}")
-        if cfg.mixed_precision not in ("no", "bf16"):
+        if cfg.mixed_precision not in ("no", "bf16"):  # the engine's fp16 needs a gradient scaler this loop lacks
             raise UserInputError(f"--mixed-precision must be no or bf16, got {cfg.mixed_precision!r}")
         from conceptstream.distributed import check_device
 
@@ -492,6 +483,9 @@ class BaseTrainer:
         precision = self.state.setdefault("precision", [[0, "no"]] if start else [])
         if not precision or precision[-1][1] != cfg.mixed_precision:
             precision.append([start, cfg.mixed_precision])  # [first UNet step, precision] of each change
+        from conceptstream.distributed import make_accelerator
+
+        accelerator = make_accelerator(cfg.mixed_precision, self.device)  # its autocast wraps the forward pass
         # EMAModel's n-th update uses decay min(ema_decay, m / (9 + m)) with m = n - 1; counting from
         # start + 1 makes it min(ema_decay, (1 + k) / (10 + k)) after global step k on every resume.
         ema.optimization_step = start + 1
@@ -516,7 +510,7 @@ class BaseTrainer:
             dev = self.device
             z, noise, a, t, batch_ids = z.to(dev), noise.to(dev), a.to(dev), t.to(dev), batch_ids.to(dev)
             zt = a.sqrt() * z + (1 - a).sqrt() * noise
-            with autocast(dev, cfg.mixed_precision):
+            with accelerator.autocast():
                 pred = unet(zt, t, text(batch_ids)[0]).sample.float()
             snr = compute_snr(sched, t)
             weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
