@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from conceptstream.precision import PRECISIONS
+
 # -- SD 1.5 component configs (public configs of runwayml/stable-diffusion-v1-5, written out) --------
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-small", action="store_true", help="128 px and reduced widths (CPU smoke run)")
     p.add_argument("--device", default=None)
     p.add_argument("--batch", type=int, default=1, help="training batch size (the methods' batch_size setting)")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--mixed-precision", default="no", choices=PRECISIONS)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="training steps per task")
     p.add_argument("--tasks", type=int, default=2, help="tasks per method (2: the second has history)")

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from conceptstream.precision import BASE_TRAINING_PRECISIONS
+
 
 def parse_shape(text: str) -> tuple[tuple[int, ...] | None, int]:
     """``default``, ``64,128,96,96`` or ``64,128,96,96x2`` -> (widths or None, layers per block)."""
@@ -30,7 +32,7 @@ def parse_shape(text: str) -> tuple[tuple[int, ...] | None, int]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--unet", nargs="+", default=["default", "64,128,96,96", "64,128,128,128", "32,64,96,96x2"])
-    p.add_argument("--mixed-precision", nargs="+", choices=("no", "bf16"), default=["no"])
+    p.add_argument("--mixed-precision", nargs="+", choices=BASE_TRAINING_PRECISIONS, default=["no"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from conceptstream.precision import BASE_TRAINING_PRECISIONS, PRECISIONS
+
 
 def _kv(text: str) -> tuple[str, str]:
     """``--set KEY=VALUE`` of `learn`: the value stays text; `learn` converts and checks it against the
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--noise-offset", type=float, default=0.0,
                     help="offset noise of the UNet stage: one extra N(0, x^2) value per sample and channel "
                          "(0.05-0.1 is usual; default %(default)s: off)")
-    wt.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+    wt.add_argument("--mixed-precision", choices=BASE_TRAINING_PRECISIONS, default="no",
                     help="the UNet stage's forward in bf16 autocast (weights, optimizer and loss stay fp32); pays on "
                          "CPUs with AVX512-BF16/AMX and on GPUs (default %(default)s: fp32)")
     wt.add_argument("--unet-channels", type=_int_tuple, default=None,
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--seed", type=int, default=None,
                     help="training seed (default 0); on a new stream it also seeds the adapter's initialisation")
     lp.add_argument("--device", default=None, help=DEVICE_HELP)
-    lp.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+    lp.add_argument("--mixed-precision", default="no", choices=PRECISIONS,
                     help="autocast training forward passes through accelerate (bf16; fp16 on GPUs only; "
                          "trained values stay fp32)")
     lp.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations to save memory")

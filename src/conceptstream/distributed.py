@@ -13,8 +13,8 @@ from collections.abc import Iterable
 import torch
 
 from conceptstream.errors import UserInputError
+from conceptstream.precision import PRECISIONS
 
-PRECISIONS = ("no", "bf16", "fp16")
 RANK_SEED_STRIDE = 1_000_003  # process r of a launch seeds its batches with seed + r * stride; r = 0 is the 1-process run
 
 

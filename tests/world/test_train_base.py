@@ -292,7 +292,8 @@ def test_codec_benchmark_on_a_work_dir(tmp_path):
 
 
 def test_the_model_card_states_the_committed_concept_numbers_of_the_bundled_model():
-    """The card's goal lines from the committed v2 measurements; the bundled card carries the same lines."""
+    """The card's goal lines from the committed measurements of the bundled model (the v2 VAE, the v3 UNet);
+    the bundled card carries the same lines."""
     from pathlib import Path
 
     from conceptstream.world.model_card import goal_lines
@@ -300,8 +301,8 @@ def test_the_model_card_states_the_committed_concept_numbers_of_the_bundled_mode
     root = Path(__file__).resolve().parents[2]
     results = root / "benchmarks" / "results" / "base-model-v2"
     lines = goal_lines(json.loads((results / "codec-vae-4ch32-gen-step4000.json").read_text()),
-                       json.loads((results / "concepts-alone-v2-final.json").read_text()))
-    assert "**0.843**" in lines and "**0.486**" in lines and "200 steps" in lines
+                       json.loads((results / "concepts-alone-v3-w128-30000.json").read_text()))
+    assert "**0.843**" in lines and "**0.500**" in lines and "200 steps" in lines
     assert goal_lines(None, None) == ""
     bundled = (root / "src" / "conceptstream" / "assets" / "tiny-sd" / "README.md").read_text()
     assert lines in bundled
@@ -517,7 +518,10 @@ def test_a_wider_deeper_unet_trains_exports_and_takes_only_the_vae_of_another_un
     assert pipe("a photo of a mug", num_inference_steps=2).images[0].size == (64, 64)
     info = json.loads((out / "training.json").read_text())
     assert info["unet_step"] == 1 and info["unet_runs"] == [[0, 1]]
-    assert "128 (CrossAttnDownBlock), 2 layers per block" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "128 (CrossAttnDownBlock), 2 layers per block" in card
+    assert f"Started from `{base}`'s VAE; its UNet and text encoder were not used" in card
+    assert f"h are `{base}`'s) on" in card  # the wall time names the seed's share
     with pytest.raises(UserInputError, match="resume with the same --unet-channels"):
         BaseTrainer(_cfg(tmp_path, "w", vae_downsample=2, unet_steps=1), progress=False)
     with pytest.raises(UserInputError, match="takes 4 block widths, each a multiple of 32"):

@@ -93,6 +93,12 @@ def base_model_card(state: dict[str, Any], cfg, workdir: Path) -> str:
                           for i, (a, b) in enumerate(runs))
         restarts = (f"\n  Trained in {len(runs)} runs, steps {spans}: each later run started from the previous "
                     "run's export with a fresh optimizer and its own schedule and warm-up over its planned steps.")
+    seed, seed_wall = s.get("seeded_from"), s.get("seed_wall_seconds")
+    if seed and seed_wall is None and (Path(seed) / "training.json").is_file():  # seeded before this was recorded
+        seed_wall = json.loads((Path(seed) / "training.json").read_text()).get("wall_seconds")
+    wall_of_seed = f" (of which {seed_wall / 3600:.2f} h are `{seed}`'s)" if seed and seed_wall else ""
+    if seed and not s.get("warm_start"):
+        restarts += f"\n  Started from `{seed}`'s VAE; its UNet and text encoder were not used (trained here from step 0)."
     offset = getattr(cfg, "noise_offset", 0.0)
     if offset > 0:
         which = "the last run" if len(runs) > 1 else "every step"
@@ -142,7 +148,7 @@ from `pybullet_data` meshes over scikit-image textures, captioned "a photo of a 
   AdamW (lr {cfg.unet_lr} / {cfg.text_lr}, diffusers `{cfg.lr_scheduler}` schedule with {cfg.lr_warmup_steps} warm-up steps),
   min-SNR-{cfg.min_snr_gamma} weighting, caption dropout
   {cfg.caption_dropout}, EMA {cfg.ema_decay} (the EMA weights are exported).{restarts}
-- Wall time so far: {s.get('wall_seconds', 0) / 3600:.2f} h on {machines}
+- Wall time so far: {s.get('wall_seconds', 0) / 3600:.2f} h{wall_of_seed} on {machines}
   (this stage {torch.get_num_threads()} CPU threads), torch {torch.__version__}, diffusers {diffusers.__version__},
   transformers {transformers.__version__}.
 - Reproduce / resume: `conceptstream world train-base --workdir WORKDIR --out OUT`

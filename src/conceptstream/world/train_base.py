@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptstream.errors import UserInputError
+from conceptstream.precision import BASE_TRAINING_PRECISIONS
 from conceptstream.safeio import (
     load_tensors,
     load_tensors_with_metadata,
@@ -175,8 +176,9 @@ class BaseTrainer:
             raise UserInputError(f"--render-workers must be >= 1, got {cfg.render_workers}")
         if not 0.0 <= cfg.noise_offset <= 1.0:
             raise UserInputError(f"--noise-offset must be in [0, 1] (0.05-0.1 is usual), got {cfg.noise_offset}")
-        if cfg.mixed_precision not in ("no", "bf16"):  # the engine's fp16 needs a gradient scaler this loop lacks
-            raise UserInputError(f"--mixed-precision must be no or bf16, got {cfg.mixed_precision!r}")
+        if cfg.mixed_precision not in BASE_TRAINING_PRECISIONS:  # fp16 needs a gradient scaler this loop lacks
+            raise UserInputError(f"--mixed-precision must be {' or '.join(BASE_TRAINING_PRECISIONS)}, "
+                                 f"got {cfg.mixed_precision!r}")
         from conceptstream.distributed import check_device
 
         self.device = torch.device(check_device(cfg.device))
@@ -261,7 +263,8 @@ class BaseTrainer:
         self.state.update({"vae_step": info["vae_step"], "decoder_step": info.get("decoder_step", 0),
                            "unet_step": info["unet_step"], "unet_runs": runs,
                            "scaling_factor": info["scaling_factor"], "wall_seconds": info.get("wall_seconds", 0.0),
-                           "seeded_from": str(folder), "warm_start": info["unet_step"]})
+                           "seeded_from": str(folder), "warm_start": info["unet_step"],
+                           "seed_wall_seconds": info.get("wall_seconds", 0.0)})
         if info.get("vae_data") is not None:
             self.state["vae_data"] = info["vae_data"]
         self._wall0 = self.state["wall_seconds"]
